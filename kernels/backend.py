@@ -1,0 +1,68 @@
+"""One backend interface for the ops the model needs from kernels/, chosen by device.
+
+CUDA tensors use Triton, CPU uses the torch reference; ``RAYLM_ATTENTION_BACKEND=torch|triton``
+overrides (read in one place: :func:`backend_name_for`).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from raylm.kernels.attention_ref import paged_attention_ref, plan_attention_ref
+from raylm.kernels.kv_write_ref import write_kv_ref
+from raylm.kernels.metadata import AttentionMetadata
+from raylm.kernels.norm_ref import add_rms_norm_ref, rms_norm_ref
+from raylm.kernels.rotary_ref import apply_rotary_ref
+
+BACKEND_ENV = "RAYLM_ATTENTION_BACKEND"
+
+
+class TorchBackend:
+    """Pure-torch reference: the correctness oracle and the CPU path."""
+
+    name = "torch"
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Derive per-step index tensors once; every layer reuses ``meta.plan``."""
+        meta.plan = plan_attention_ref(meta)
+
+    def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        write_kv_ref(key, value, k_cache, v_cache, slot_mapping)
+
+    def attention(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        return paged_attention_ref(query, k_cache, v_cache, meta, scale)
+
+    def rms_norm(self, x, weight, eps: float):
+        return rms_norm_ref(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps: float):
+        return add_rms_norm_ref(x, residual, weight, eps)
+
+    def rotary(self, positions, query, key, cos_sin_cache) -> None:
+        apply_rotary_ref(positions, query, key, cos_sin_cache)
+
+    def copy_blocks(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                    src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy whole blocks src[i] -> dst[i] in every layer (copy-on-write of forked blocks)."""
+        for k_cache, v_cache in kv_caches:
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]
+
+
+def backend_name_for(device: torch.device) -> str:
+    name = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if name:
+        if name not in ("torch", "triton"):
+            raise ValueError(f"{BACKEND_ENV} must be 'torch' or 'triton', got {name!r}")
+        return name
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
+def get_backend(device: torch.device | str) -> TorchBackend:
+    name = backend_name_for(torch.device(device))
+    if name == "triton":
+        from raylm.kernels.backend_triton import TritonBackend
+
+        return TritonBackend()
+    return TorchBackend()

@@ -1,0 +1,79 @@
+"""The step contract between the scheduler (cluster/) and the model runner (workers/).
+
+Plain Python, no torch: the scheduler builds it, the runner turns it into tensors once per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingMetadata:
+    """Per sampled row (row i of the logits) sampling parameters, as host lists."""
+
+    temperature: list[float]  # 0.0 = greedy
+    top_k: list[int]  # 0 = off
+    top_p: list[float]  # 1.0 = off
+    min_p: list[float]  # 0.0 = off
+    repetition_penalty: list[float]  # 1.0 = off (HF semantics: prompt + output tokens)
+    presence_penalty: list[float]  # 0.0 = off (OpenAI semantics: output tokens)
+    frequency_penalty: list[float]  # 0.0 = off
+    seeds: list[int | None]  # None = engine RNG; else randomness derived from (seed, step_ids[i])
+    step_ids: list[int]  # index of the output token being sampled (num output tokens so far)
+    num_logprobs: list[int]  # -1 = none; N >= 0 = the chosen token's logprob + top-N
+    # Token histories, only filled when some row uses a penalty (else None).
+    prompt_token_ids: list[list[int]] | None = None
+    output_token_ids: list[list[int]] | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.temperature)
+
+    @property
+    def all_greedy(self) -> bool:
+        return all(t == 0.0 for t in self.temperature)
+
+    @property
+    def needs_penalties(self) -> bool:
+        return any(r != 1.0 for r in self.repetition_penalty) or any(
+            p != 0.0 for p in self.presence_penalty
+        ) or any(f != 0.0 for f in self.frequency_penalty)
+
+    @property
+    def max_num_logprobs(self) -> int:
+        return max(self.num_logprobs, default=-1)
+
+
+@dataclass
+class ModelInput:
+    """One step: the tokens to feed for each scheduled sequence and where their KV goes."""
+
+    input_ids: list[int]  # [num_tokens]
+    positions: list[int]  # [num_tokens]
+    slot_mapping: list[int]  # [num_tokens], flat KV slot of each token
+    query_lens: list[int]  # [num_seqs], tokens fed this step
+    seq_lens: list[int]  # [num_seqs], cached tokens after this step
+    block_tables: list[list[int]]  # [num_seqs][num_blocks_of_seq]
+    logits_indices: list[int]  # [num_sampled], token rows whose logits are sampled
+    sampling: SamplingMetadata  # one entry per logits index
+    copy_blocks: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) before forward
+    return_hidden_states: bool = False  # return the final normed hidden state of sampled rows
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+
+@dataclass
+class ModelOutput:
+    """What the runner hands back, on the host."""
+
+    sampled_token_ids: list[int]  # [num_sampled]
+    # When logprobs were asked: per sampled row, (ids, logprobs) with the chosen token first,
+    # then the top-N; None for rows that did not ask.
+    logprobs: list[tuple[list[int], list[float]] | None] | None = None
+    hidden_states: object | None = None  # torch.Tensor [num_sampled, hidden] when asked
