@@ -1,0 +1,165 @@
+"""AsyncEngine: the engine behind an asyncio API, stepping in its own thread.
+
+``generate`` is an async iterator of RequestOutput deltas; leaving it early (break, cancel,
+client disconnect) aborts the request and frees its blocks at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import AsyncIterator
+
+from raylm.cluster.config import EngineConfig
+from raylm.cluster.engine_core import EngineCore
+from raylm.cluster.errors import EngineDeadError, QueueFullError
+from raylm.cluster.outputs import RequestOutput
+from raylm.cluster.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.05
+
+
+class _Stream:
+    """Outputs of one request, handed from the step thread to the caller's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, model: str, **kwargs) -> None:
+        self.core = EngineCore(EngineConfig.from_kwargs(model, **kwargs))
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Request) | ("abort", id)
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()  # guards _streams and the count of pending adds
+        self._num_pending_adds = 0
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="raylm-step-loop", daemon=True)
+        self._thread.start()
+
+    # -- properties the servers use ---------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self.core.config.model.model
+
+    # -- API --------------------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0
+                       ) -> AsyncIterator[RequestOutput]:
+        self.check_health()
+        request = self.core.make_request(prompt, sampling_params, request_id, priority)
+        rid = request.request_id
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            limit = self.core.config.scheduler.max_queued_requests
+            queued = len(self.core.scheduler.waiting) + self._num_pending_adds
+            if limit is not None and queued >= limit:
+                raise QueueFullError(f"{queued} requests are queued (max_queued_requests={limit})")
+            if rid in self._streams:
+                raise ValueError(f"request_id {rid!r} is already running")
+            self._streams[rid] = stream
+            self._num_pending_adds += 1
+        self._inbox.put(("add", request))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                await self.abort(rid)
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def get_stats(self) -> dict:
+        return self.core.get_stats()
+
+    def check_health(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError(f"the engine's step loop died: {self._error!r}")
+        if self._stopped or not self._thread.is_alive():
+            raise EngineDeadError("the engine is shut down")
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # -- step thread ------------------------------------------------------------------------
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                with self._lock:
+                    self._num_pending_adds -= 1
+                try:
+                    self.core.add_request(item)
+                except Exception as e:  # noqa: BLE001 - reported to that request's caller
+                    self._deliver_error(item.request_id, e)
+            else:
+                out = self.core.abort(item)
+                with self._lock:
+                    self._streams.pop(item, None)
+                if out is not None:
+                    logger.debug("aborted %s", item)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            stream = self._streams.get(out.request_id)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+        if stream is not None:
+            stream.put(out)
+
+    def _deliver_error(self, request_id: str, error: BaseException) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.put(error)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._drain_inbox()
+                if not self.core.has_unfinished():
+                    self._wake.wait(_IDLE_WAIT_S)
+                    self._wake.clear()
+                    continue
+                for out in self.core.step(emit_deltas=True):
+                    self._deliver(out)
+        except BaseException as e:  # noqa: BLE001 - the loop must report, not vanish
+            logger.exception("engine step loop died")
+            self._error = e
+            with self._lock:
+                streams, self._streams = self._streams, {}
+            dead = EngineDeadError(f"the engine's step loop died: {e!r}")
+            for stream in streams.values():
+                stream.put(dead)

@@ -1,0 +1,83 @@
+"""Frozen configuration of the control plane; the data-plane configs live in workers/config.py."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raylm.workers.config import CacheConfig, ModelConfig, ParallelConfig
+
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # "fcfs" | "priority" (lower value = served first)
+    max_queued_requests: int | None = None  # None = unbounded
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
+        if self.max_queued_requests is not None and self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+
+    @classmethod
+    def from_kwargs(
+        cls,
+        model: str,
+        *,
+        dtype: str = "auto",
+        device: str | None = None,
+        seed: int = 0,
+        max_model_len: int | None = None,
+        revision: str | None = None,
+        block_size: int = 16,
+        kv_cache_memory: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        enable_prefix_caching: bool = True,
+        num_blocks_override: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        enable_chunked_prefill: bool = True,
+        scheduling_policy: str = "fcfs",
+        max_queued_requests: int | None = None,
+        tensor_parallel_size: int = 1,
+    ) -> "EngineConfig":
+        if device is None:
+            device = _default_device()
+        return cls(
+            model=ModelConfig(model=model, dtype=dtype, device=device, seed=seed,
+                              max_model_len=max_model_len, revision=revision),
+            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
+                              gpu_memory_utilization=gpu_memory_utilization,
+                              enable_prefix_caching=enable_prefix_caching,
+                              num_blocks_override=num_blocks_override),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                      max_num_batched_tokens=max_num_batched_tokens,
+                                      enable_chunked_prefill=enable_chunked_prefill,
+                                      policy=scheduling_policy,
+                                      max_queued_requests=max_queued_requests),
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
+        )
+
+
+def _default_device() -> str:
+    # Imported lazily: the control plane's config stays importable without torch.
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,9 @@
+"""Typed errors the engine raises to its callers (the APIs map them to status codes)."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests are queued than ``max_queued_requests`` allows (gRPC RESOURCE_EXHAUSTED / 429)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's step loop died; the replica must be replaced (gRPC UNAVAILABLE / 503)."""

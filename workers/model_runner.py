@@ -1,0 +1,134 @@
+"""Runs one step on one device: ModelInput -> tensors -> forward -> sample -> ModelOutput."""
+from __future__ import annotations
+
+import logging
+from itertools import accumulate
+
+import numpy as np
+import torch
+
+from raylm.kernels.backend import get_backend
+from raylm.kernels.metadata import AttentionMetadata
+from raylm.workers import kv_cache
+from raylm.workers.config import CacheConfig, ModelConfig
+from raylm.workers.loader import load_model, resolve_dtype, resolve_model_path
+from raylm.workers.model_input import ModelInput, ModelOutput
+from raylm.workers.sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, *,
+                 max_num_batched_tokens: int, tp_rank: int = 0, tp_size: int = 1,
+                 tp_group=None) -> None:
+        from transformers import AutoConfig
+
+        torch.manual_seed(model_config.seed)
+        self.device = torch.device(model_config.device)
+        self.model_path = resolve_model_path(model_config.model, model_config.revision)
+        self.hf_config = AutoConfig.from_pretrained(self.model_path)
+        self.dtype = resolve_dtype(model_config.dtype, self.hf_config)
+        self.backend = get_backend(self.device)
+        self.block_size = cache_config.block_size
+        self.model = load_model(self.model_path, dtype=self.dtype, device=self.device,
+                                backend=self.backend, tp_rank=tp_rank, tp_size=tp_size,
+                                tp_group=tp_group)
+        self.sampler = Sampler()
+        self.num_blocks = self._size_kv_cache(cache_config, max_num_batched_tokens)
+        self.kv_caches = kv_cache.allocate_kv_caches(
+            self.model.num_layers, self.num_blocks, self.block_size, self.model.num_kv_heads,
+            self.model.head_dim, self.dtype, self.device)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s on %s, backend %s)",
+                    self.num_blocks, self.block_size,
+                    self.num_blocks * self._block_bytes / 2**20, self.dtype, self.device,
+                    self.backend.name)
+
+    @property
+    def _block_bytes(self) -> int:
+        return kv_cache.bytes_per_block(self.model.num_layers, self.block_size,
+                                        self.model.num_kv_heads, self.model.head_dim, self.dtype)
+
+    def _size_kv_cache(self, cache_config: CacheConfig, max_num_batched_tokens: int) -> int:
+        if cache_config.num_blocks_override is not None:
+            return cache_config.num_blocks_override
+        if self.device.type == "cuda":
+            self._profile_forward(max_num_batched_tokens)
+            return kv_cache.num_blocks_for_gpu(self.device, cache_config.gpu_memory_utilization,
+                                               self._block_bytes)
+        return kv_cache.num_blocks_for_cpu(cache_config.kv_cache_memory, self._block_bytes)
+
+    @torch.inference_mode()
+    def _profile_forward(self, num_tokens: int) -> None:
+        """One forward at the largest step size, to measure peak activation memory."""
+        blocks_needed = -(-num_tokens // self.block_size)
+        caches = kv_cache.allocate_kv_caches(self.model.num_layers, blocks_needed, self.block_size,
+                                             self.model.num_kv_heads, self.model.head_dim,
+                                             self.dtype, self.device)
+        inp = ModelInput(input_ids=[0] * num_tokens, positions=list(range(num_tokens)),
+                         slot_mapping=list(range(num_tokens)), query_lens=[num_tokens],
+                         seq_lens=[num_tokens], block_tables=[list(range(blocks_needed))],
+                         logits_indices=[num_tokens - 1], sampling=None)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        meta = self._attention_metadata(inp)
+        ids, pos = self._token_tensors(inp)
+        hidden = self.model(ids, pos, caches, meta)
+        self.model.compute_logits(hidden[-1:])
+        del caches, hidden
+        torch.cuda.synchronize(self.device)
+
+    def _token_tensors(self, inp: ModelInput) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.tensor(inp.input_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        pos = torch.tensor(inp.positions, dtype=torch.long).to(self.device, non_blocking=True)
+        return ids, pos  # [num_tokens] each
+
+    def _attention_metadata(self, inp: ModelInput) -> AttentionMetadata:
+        num_seqs = inp.num_seqs
+        max_blocks = max(len(t) for t in inp.block_tables)
+        tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)  # padded with block 0
+        for i, table in enumerate(inp.block_tables):
+            tables[i, : len(table)] = table
+        to = dict(device=self.device, non_blocking=True)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(inp.slot_mapping, dtype=torch.long).to(**to),
+            query_start_loc=torch.tensor([0, *accumulate(inp.query_lens)],
+                                         dtype=torch.int32).to(**to),
+            seq_lens=torch.tensor(inp.seq_lens, dtype=torch.int32).to(**to),
+            block_tables=torch.from_numpy(tables).to(**to),
+            block_size=self.block_size,
+            max_query_len=max(inp.query_lens),
+            max_seq_len=max(inp.seq_lens),
+            query_lens_host=inp.query_lens,
+            seq_lens_host=inp.seq_lens,
+        )
+        self.backend.prepare(meta)
+        return meta
+
+    @torch.inference_mode()
+    def execute(self, inp: ModelInput) -> ModelOutput:
+        if inp.copy_blocks:
+            src, dst = zip(*inp.copy_blocks)
+            self.backend.copy_blocks(self.kv_caches, torch.tensor(src, device=self.device),
+                                     torch.tensor(dst, device=self.device))
+        meta = self._attention_metadata(inp)
+        ids, pos = self._token_tensors(inp)
+        hidden = self.model(ids, pos, self.kv_caches, meta)  # [num_tokens, hidden]
+        if not inp.logits_indices:
+            return ModelOutput(sampled_token_ids=[])
+        rows = torch.tensor(inp.logits_indices, dtype=torch.long, device=self.device)
+        hidden = hidden.index_select(0, rows)  # [num_sampled, hidden]
+        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab_size]
+        sampled = self.sampler(logits, inp.sampling)
+        out = ModelOutput(sampled_token_ids=sampled.sampled_token_ids.tolist())
+        if sampled.logprobs is not None:
+            out.logprobs = self._logprob_lists(sampled, inp.sampling.num_logprobs)
+        if inp.return_hidden_states:
+            out.hidden_states = hidden
+        return out
+
+    @staticmethod
+    def _logprob_lists(sampled, num_logprobs: list[int]):
+        ids = sampled.logprob_token_ids.tolist()
+        values = sampled.logprobs.tolist()
+        return [None if n < 0 else (ids[i][: n + 1], values[i][: n + 1])
+                for i, n in enumerate(num_logprobs)]
