@@ -1,0 +1,111 @@
+"""The `raylm` command line: make-model, generate, serve, bench {throughput,latency,serve,kernels}."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Subcommands that live in their own modules: name -> (module, help). Each module exposes
+# add_arguments(parser) and run(args) -> int; importing lazily keeps `raylm --help` fast.
+_BENCH = {
+    "throughput": ("raylm.cluster.bench.throughput", "offline throughput against HF generate"),
+    "latency": ("raylm.cluster.bench.latency", "batch-1 decode latency against the bandwidth floor"),
+    "serve": ("raylm.cluster.bench.serve", "load generator against a running server"),
+    "kernels": ("raylm.cluster.bench.kernels", "Triton kernel roofline (GPU only)"),
+}
+_SERVE = ("raylm.cluster.serve.serve_cli", "serve a model over gRPC and OpenAI HTTP with Ray Serve")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local checkpoint directory or HF repo id")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache (CPU)")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                kv_cache_memory=args.kv_cache_memory,
+                enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+
+
+def _cmd_make_model(args: argparse.Namespace) -> int:
+    from raylm.workers.make_model import make_model
+
+    path = make_model(args.out, arch=args.arch, preset=args.preset, seed=args.seed)
+    print(f"wrote a random-weight {args.arch} checkpoint ({args.preset}) to {path}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from raylm.cluster import LLM, SamplingParams
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.sampling_seed)
+    prompts = args.prompt or ["Hello"]
+    for out in llm.generate(prompts, params):
+        c = out.outputs[0]
+        print(f"--- prompt: {out.prompt!r} ({len(out.prompt_token_ids)} tokens)")
+        print(c.text)
+        print(f"--- {len(c.token_ids)} tokens, finish_reason={c.finish_reason}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-model", help="write a small random-weight HF checkpoint + tokenizer")
+    p.add_argument("out")
+    p.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "bench"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_model)
+
+    p = sub.add_parser("generate", help="generate text offline")
+    _add_engine_args(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--sampling-seed", type=int, default=None)
+    p.set_defaults(func=_cmd_generate)
+
+    module, help_text = _SERVE
+    p = sub.add_parser("serve", help=help_text)
+    _lazy(p, module)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    for name, (module, help_text) in _BENCH.items():
+        _lazy(bench.add_parser(name, help=help_text), module)
+    return parser
+
+
+def _lazy(p: argparse.ArgumentParser, module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    module.add_arguments(p)
+    p.set_defaults(func=module.run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
