@@ -1,0 +1,96 @@
+"""AsyncEngine: streamed deltas add up, aborts free blocks, errors reach the caller."""
+import asyncio
+
+import pytest
+
+from raylm.cluster import AsyncEngine, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    eng = AsyncEngine(str(tiny_model("llama")), dtype="float32", max_queued_requests=64)
+    yield eng
+    eng.shutdown()
+
+
+def _idle(engine) -> bool:
+    s = engine.get_stats()
+    return s["num_running"] == s["num_waiting"] == 0 and s["num_free_blocks"] == s["num_total_blocks"]
+
+
+async def _wait_idle(engine, timeout=10.0):
+    for _ in range(int(timeout / 0.02)):
+        if _idle(engine):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+def test_deltas_concatenate_to_the_final_output(engine):
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        text, tokens, last = "", [], None
+        async for out in engine.generate("Once upon a time", params):
+            text += out.outputs[0].delta_text
+            tokens += out.outputs[0].delta_token_ids
+            last = out
+        assert last.finished and last.outputs[0].finish_reason == "length"
+        assert tokens == last.outputs[0].token_ids and len(tokens) == 20
+        assert text == last.outputs[0].text
+        assert text == engine.tokenizer.decode(tokens, skip_special_tokens=True)
+    asyncio.run(main())
+
+
+def test_concurrent_streams_all_finish(engine):
+    async def one(i):
+        n = 0
+        async for out in engine.generate([5 + i] * (3 + i), SamplingParams(
+                temperature=0, max_tokens=8, ignore_eos=True)):
+            n += len(out.outputs[0].delta_token_ids)
+        return n
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(16)))
+    assert asyncio.run(main()) == [8] * 16
+    engine.core.check_integrity()
+
+
+def test_leaving_the_stream_early_aborts_and_frees_blocks(engine):
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+        n = 0
+        async for _ in engine.generate([7] * 40, params):
+            n += 1
+            if n == 3:
+                break
+        assert await _wait_idle(engine)
+    asyncio.run(main())
+    engine.core.check_integrity()
+
+
+def test_cancelled_task_aborts(engine):
+    async def consume():
+        async for _ in engine.generate([9] * 10, SamplingParams(temperature=0, max_tokens=500,
+                                                                 ignore_eos=True)):
+            pass
+
+    async def main():
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await _wait_idle(engine)
+    asyncio.run(main())
+
+
+def test_bad_params_raise_value_error_before_streaming(engine):
+    async def main():
+        with pytest.raises(ValueError, match="prompt"):
+            async for _ in engine.generate("", SamplingParams()):
+                pass
+        with pytest.raises(ValueError, match="max_model_len"):
+            async for _ in engine.generate([5] * (engine.max_model_len + 10), SamplingParams()):
+                pass
+    asyncio.run(main())
+    engine.check_health()
