@@ -25,10 +25,24 @@ def build_sampling_metadata(rows: list[tuple[Sequence, int]]) -> SamplingMetadat
         step_ids=[step for _, step in rows],
         num_logprobs=[-1 if p.logprobs is None else p.logprobs for p in params],
     )
+    banned = [_banned_ids(seq, step) for seq, step in rows]
+    if any(banned):
+        meta.banned_token_ids = banned
     if meta.needs_penalties:
         meta.prompt_token_ids = [seq.prompt_token_ids for seq, _ in rows]
         meta.output_token_ids = [seq.output_token_ids for seq, _ in rows]
     return meta
+
+
+def _banned_ids(seq: Sequence, step: int) -> list[int]:
+    """Before min_tokens, the tokens that would end the sequence cannot be sampled (as HF)."""
+    p = seq.request.params
+    if step >= p.min_tokens:
+        return []
+    ids = list(p.stop_token_ids or [])
+    if not p.ignore_eos:
+        ids.extend(seq.request.eos_token_ids)
+    return ids
 
 
 def build_model_input(sched: SchedulerOutput, block_size: int) -> tuple[ModelInput, list[Sequence]]:

@@ -14,23 +14,26 @@ class StopChecker:
         p = seq.request.params
         seq.detokenizer = IncrementalDetokenizer(
             self.tokenizer, seq.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
-            stop=p.stop or None, include_stop_str_in_output=p.include_stop_str_in_output)
+            stop=p.stop or None, include_stop_str_in_output=p.include_stop_str_in_output,
+            min_tokens=p.min_tokens)
 
     def check(self, seq: Sequence, token: int) -> tuple[str, int | str | None] | None:
         """Feed the new token; returns (finish_reason, stop_reason) when the sequence ends."""
         p = seq.request.params
-        _, stop_str = seq.detokenizer.append([token])
         num_out = seq.num_output_tokens
         finish = None
+        # A token that ends the sequence by id keeps its id but adds no text (OpenAI semantics).
         if num_out >= p.min_tokens:
             if not p.ignore_eos and token in seq.request.eos_token_ids:
                 finish = ("stop", None)
             elif p.stop_token_ids and token in p.stop_token_ids:
                 finish = ("stop", token)
-            elif stop_str is not None:
+        if finish is None:
+            _, stop_str = seq.detokenizer.append([token])
+            if stop_str is not None:
                 return ("stop", stop_str)  # the detokenizer already cut the text
-        if finish is None and (num_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
-            finish = ("length", None)
+            if num_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                finish = ("length", None)
         if finish is not None:
             seq.detokenizer.flush()
         return finish

@@ -24,6 +24,8 @@ class SamplingMetadata:
     # Token histories, only filled when some row uses a penalty (else None).
     prompt_token_ids: list[list[int]] | None = None
     output_token_ids: list[list[int]] | None = None
+    # Per row, token ids masked out before sampling (EOS / stop ids before min_tokens), or None.
+    banned_token_ids: list[list[int]] | None = None
 
     @property
     def num_rows(self) -> int:

@@ -118,7 +118,8 @@ class ModelRunner:
         rows = torch.tensor(inp.logits_indices, dtype=torch.long, device=self.device)
         hidden = hidden.index_select(0, rows)  # [num_sampled, hidden]
         logits = self.model.compute_logits(hidden)  # [num_sampled, vocab_size]
-        sampled = self.sampler(logits, inp.sampling)
+        sampled = self.sampler(logits, inp.sampling,
+                               banned_token_ids=inp.sampling.banned_token_ids)
         out = ModelOutput(sampled_token_ids=sampled.sampled_token_ids.tolist())
         if sampled.logprobs is not None:
             out.logprobs = self._logprob_lists(sampled, inp.sampling.num_logprobs)

@@ -1,0 +1,248 @@
+"""Per-request decoding parameters (pure Python: crosses Ray/gRPC as a plain dict).
+
+Names and defaults follow what users already know from vLLM, the OpenAI API and Hugging Face
+`generate`. Every invalid value raises `ValueError` whose message starts with the field name, so
+the APIs can map it to INVALID_ARGUMENT / HTTP 400 and tell the user which field is wrong.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+MAX_LOGPROBS = 20  # the OpenAI API's limit on top-N logprobs per token
+
+_DEFAULT_TEMPERATURE = 1.0
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    """How to decode one request.
+
+    Sampling: `temperature` (0 = greedy), `top_k` (0 or -1 = off), `top_p` (1 = off),
+    `min_p` (0 = off), `repetition_penalty` (Hugging Face semantics, over prompt + output tokens:
+    a seen token's logit is divided by the penalty when positive, multiplied when negative),
+    `presence_penalty` / `frequency_penalty` (OpenAI semantics, over output tokens only:
+    `logit -= presence * (count > 0) + frequency * count`), `seed` (the request's tokens are then
+    reproducible whatever it is batched with).
+
+    Beam search (`num_beams > 1`) is deterministic, as in Hugging Face with `do_sample=False`.
+    Because users routinely pass `num_beams` while leaving the sampling knobs at their defaults,
+    beam search accepts `temperature` of 0 or the untouched default 1.0 (both mean "not
+    sampling"), with `top_p`, `top_k` and `min_p` at their defaults; any other value of those
+    fields is rejected naming the field, rather than silently ignored. `n` beams are returned,
+    so `n <= num_beams`.
+
+    Contrastive search (`penalty_alpha > 0`) uses `top_k` as its number of candidates, so it
+    needs `top_k > 1`, and is exclusive with beam search.
+
+    `stop` strings end the output right before the match (the match itself is kept only with
+    `include_stop_str_in_output`); `stop_token_ids` end it after the token (the token's text is
+    not added). `max_tokens` counts generated tokens; `min_tokens` suppresses EOS and
+    `stop_token_ids` until that many tokens exist. `logprobs=N` returns the chosen token's
+    logprob plus the top-N of the model's raw distribution per generated token
+    (`prompt_logprobs=N` likewise per prompt token).
+
+    After construction `stop` and `stop_token_ids` are always lists and `top_k == -1` reads 0.
+    """
+
+    n: int = 1
+    temperature: float = _DEFAULT_TEMPERATURE
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    penalty_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._normalise()
+        self._check_sampling()
+        self._check_lengths()
+        self._check_stops()
+        self._check_logprobs()
+        self._check_search()
+
+    # --- validation -------------------------------------------------------------------------
+
+    def _normalise(self) -> None:
+        for name in (
+            "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty", "length_penalty", "penalty_alpha",
+        ):
+            value = getattr(self, name)
+            if not _is_number(value):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("n", "top_k", "max_tokens", "min_tokens", "num_beams"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif isinstance(self.stop, (list, tuple)):
+            self.stop = list(self.stop)
+        else:
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):
+            self.stop_token_ids = list(self.stop_token_ids)
+        else:
+            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
+
+    def _check_sampling(self) -> None:
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+    def _check_lengths(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
+
+    def _check_stops(self) -> None:
+        for s in self.stop:
+            if not isinstance(s, str):
+                raise ValueError(f"stop must be a string or a list of strings, got item {s!r}")
+            if not s:
+                raise ValueError("stop must not contain an empty string")
+        for t in self.stop_token_ids:
+            if not _is_int(t) or t < 0:
+                raise ValueError(f"stop_token_ids must be non-negative integers, got item {t!r}")
+
+    def _check_logprobs(self) -> None:
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not _is_int(value):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
+
+    def _check_search(self) -> None:
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(
+                f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
+            )
+        if self.num_beams > 1:
+            if self.temperature not in (0.0, _DEFAULT_TEMPERATURE):
+                raise ValueError(
+                    f"temperature must be 0 (or left at its default) with beam search, "
+                    f"got {self.temperature}"
+                )
+            if self.top_p != 1.0:
+                raise ValueError(f"top_p is not supported with beam search, got {self.top_p}")
+            if self.top_k != 0 and self.penalty_alpha == 0.0:
+                raise ValueError(f"top_k is not supported with beam search, got {self.top_k}")
+            if self.min_p != 0.0:
+                raise ValueError(f"min_p is not supported with beam search, got {self.min_p}")
+            if self.n > self.num_beams:
+                raise ValueError(f"n must be <= num_beams ({self.num_beams}), got {self.n}")
+        if not 0.0 <= self.penalty_alpha <= 1.0:
+            raise ValueError(f"penalty_alpha must be in [0, 1], got {self.penalty_alpha}")
+        if self.penalty_alpha > 0.0:
+            if self.num_beams > 1:
+                raise ValueError(
+                    "penalty_alpha (contrastive search) cannot be combined with num_beams > 1"
+                )
+            if self.top_k <= 1:
+                raise ValueError(
+                    f"top_k must be > 1 with penalty_alpha (contrastive search), got {self.top_k}"
+                )
+
+    # --- derived views ----------------------------------------------------------------------
+
+    @property
+    def sampling_type(self) -> str:
+        """One of "beam", "contrastive", "greedy", "random"."""
+        if self.num_beams > 1:
+            return "beam"
+        if self.penalty_alpha > 0.0:
+            return "contrastive"
+        if self.temperature == 0.0:
+            return "greedy"
+        return "random"
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.sampling_type == "greedy"
+
+    @property
+    def all_stop_token_ids(self) -> set[int]:
+        return set(self.stop_token_ids)
+
+    @property
+    def max_stop_len(self) -> int:
+        """Length of the longest stop string (0 when none)."""
+        return max((len(s) for s in self.stop), default=0)
+
+    # --- transport --------------------------------------------------------------------------
+
+    def clone(self) -> SamplingParams:
+        return copy.deepcopy(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ValueError(f"{key} is not a sampling parameter")
+        return cls(**data)
+

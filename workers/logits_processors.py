@@ -1,0 +1,139 @@
+"""Batched logits processors: penalties, temperature, top-k / top-p / min-p.
+
+Each function takes per-row parameters as tensors, so one call serves a batch where every row has
+its own settings; none loops over tokens or the vocabulary in Python. Semantics follow Hugging Face
+`transformers.generation.logits_process` (repetition penalty, temperature, top-k, top-p, min-p)
+and the OpenAI API (presence / frequency penalties). The sampler, beam search and contrastive
+search share them.
+"""
+from __future__ import annotations
+
+import torch
+
+_NEG_INF = float("-inf")
+
+
+def compute_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the vocabulary, in float32.  [num_rows, vocab] -> [num_rows, vocab]"""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def pad_token_ids(
+    token_ids: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Host token histories -> int64 `[num_rows, max_len]` (>= 1 column), padded with `pad_id`."""
+    max_len = max((len(row) for row in token_ids), default=0)
+    max_len = max(max_len, 1)
+    padded = [row + [pad_id] * (max_len - len(row)) for row in token_ids]
+    return torch.tensor(padded, dtype=torch.int64, device=device)
+
+
+def apply_penalties(
+    logits: torch.Tensor,  # [num_rows, vocab]
+    prompt_token_ids: torch.Tensor,  # [num_rows, max_prompt_len] int64, padded with vocab
+    output_token_ids: torch.Tensor,  # [num_rows, max_output_len] int64, padded with vocab
+    repetition_penalty: torch.Tensor,  # [num_rows] float32, 1.0 = off
+    presence_penalty: torch.Tensor,  # [num_rows] float32, 0.0 = off
+    frequency_penalty: torch.Tensor,  # [num_rows] float32, 0.0 = off
+) -> torch.Tensor:
+    """Repetition penalty (HF), then presence / frequency penalties (OpenAI). Returns a new tensor.
+
+    Repetition: for every token seen in the prompt or the output, a positive logit is divided by
+    the penalty and a negative one multiplied by it. Presence / frequency: over output tokens,
+    `logit -= presence * (count > 0) + frequency * count`. Pad ids (== vocab) fall into an extra
+    column that is dropped, so histories of different lengths share one padded tensor.
+    """
+    num_rows, vocab = logits.shape
+    # [num_rows, vocab + 1]: the last column absorbs padding.
+    output_counts = torch.zeros(num_rows, vocab + 1, dtype=logits.dtype, device=logits.device)
+    output_counts.scatter_add_(
+        1, output_token_ids, torch.ones_like(output_token_ids, dtype=logits.dtype)
+    )
+    output_counts = output_counts[:, :vocab]  # [num_rows, vocab]
+    seen = torch.zeros(num_rows, vocab + 1, dtype=torch.bool, device=logits.device)
+    seen.scatter_(1, prompt_token_ids, True)
+    seen = seen[:, :vocab] | (output_counts > 0)  # [num_rows, vocab]
+
+    rep = repetition_penalty.to(logits.dtype).unsqueeze(1)  # [num_rows, 1]
+    penalized = torch.where(logits < 0, logits * rep, logits / rep)
+    logits = torch.where(seen, penalized, logits)
+    logits = logits - frequency_penalty.to(logits.dtype).unsqueeze(1) * output_counts
+    logits = logits - presence_penalty.to(logits.dtype).unsqueeze(1) * (output_counts > 0).to(
+        logits.dtype
+    )
+    return logits
+
+
+def apply_temperature(
+    logits: torch.Tensor,  # [num_rows, vocab]
+    temperature: torch.Tensor,  # [num_rows] float32, > 0
+) -> torch.Tensor:
+    return logits / temperature.to(logits.dtype).unsqueeze(1)
+
+
+def apply_top_k_top_p_min_p(
+    logits: torch.Tensor,  # [num_rows, vocab]
+    top_k: torch.Tensor | None = None,  # [num_rows] int64, <= 0 = off
+    top_p: torch.Tensor | None = None,  # [num_rows] float64, 1.0 = off
+    min_p: torch.Tensor | None = None,  # [num_rows] float32, 0.0 = off
+    max_top_k: int | None = None,
+) -> torch.Tensor:
+    """Mask filtered tokens with -inf (HF order: top-k, then top-p, then min-p). Returns a new tensor.
+
+    Pass None for a filter no row uses; that skips its work. One ascending sort serves both top-k
+    and top-p. top-k keeps ties with the k-th logit (as HF's TopKLogitsWarper); top-p drops the
+    lowest tokens whose cumulative probability is <= 1 - top_p and always keeps the best token;
+    min-p drops tokens whose probability is below min_p times the best token's.
+    `top_p` is float64 so that `1 - top_p` rounds exactly as HF's Python-float arithmetic.
+    Without top-p, top-k uses a partial `topk` instead of a full sort; `max_top_k` (the largest k
+    of the rows using top-k, known on the host) spares a device sync to find it.
+    """
+    vocab = logits.shape[1]
+    if top_k is not None and top_p is None:
+        logits = _apply_top_k_only(logits, top_k, max_top_k)
+    elif top_p is not None:
+        sorted_logits, sorted_ids = logits.sort(dim=-1)  # ascending, [num_rows, vocab]
+        if top_k is not None:
+            k = torch.where(top_k <= 0, torch.full_like(top_k, vocab), top_k).clamp(max=vocab)
+            kth_logit = sorted_logits.gather(1, (vocab - k).unsqueeze(1))  # [num_rows, 1]
+            sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_logit, _NEG_INF)
+        cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [num_rows, vocab]
+        drop_mass = (1.0 - top_p.double()).to(cum_probs.dtype).unsqueeze(1)  # [num_rows, 1]
+        remove = cum_probs <= drop_mass
+        remove[:, -1] = False
+        sorted_logits = sorted_logits.masked_fill(remove, _NEG_INF)
+        logits = torch.empty_like(logits).scatter_(1, sorted_ids, sorted_logits)
+    if min_p is not None:
+        probs = logits.softmax(dim=-1)  # [num_rows, vocab]
+        threshold = min_p.to(probs.dtype).unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+        logits = logits.masked_fill(probs < threshold, _NEG_INF)
+    return logits
+
+
+def _apply_top_k_only(
+    logits: torch.Tensor,  # [num_rows, vocab]
+    top_k: torch.Tensor,  # [num_rows] int64, <= 0 = off
+    max_top_k: int | None,
+) -> torch.Tensor:
+    vocab = logits.shape[1]
+    off = top_k <= 0
+    k = torch.where(off, torch.ones_like(top_k), top_k).clamp(max=vocab)  # [num_rows]
+    if max_top_k is None:
+        max_top_k = int(k.max())
+    max_top_k = min(max(max_top_k, 1), vocab)
+    top_values = logits.topk(max_top_k, dim=-1).values  # [num_rows, max_top_k], descending
+    kth_logit = top_values.gather(1, (k.clamp(max=max_top_k) - 1).unsqueeze(1))  # [num_rows, 1]
+    kth_logit = kth_logit.masked_fill(off.unsqueeze(1), _NEG_INF)
+    return logits.masked_fill(logits < kth_logit, _NEG_INF)
+
+
+def mask_token_ids(
+    logits: torch.Tensor,  # [num_rows, vocab]
+    token_ids: list[list[int]],
+) -> torch.Tensor:
+    """Set each row's listed token ids to -inf (e.g. EOS before `min_tokens`). Returns a new tensor."""
+    vocab = logits.shape[1]
+    ids = pad_token_ids(token_ids, vocab, logits.device)  # [num_rows, max_len]
+    mask = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
+    mask.scatter_(1, ids, True)
+    return logits.masked_fill(mask[:, :vocab], _NEG_INF)

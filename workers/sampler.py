@@ -1,0 +1,186 @@
+"""The batched sampler: one call turns a step's logits into one token per row.
+
+Order (Hugging Face's): repetition penalty -> presence / frequency penalties -> temperature ->
+top-k -> top-p -> min-p. Greedy rows (temperature 0) take the argmax of the penalized logits;
+random rows are drawn with the exponential race `argmax(probs / q)`, `q ~ Exp(1)` i.i.d. per
+token, which samples exactly from `probs`. Seeded rows draw `q` from a generator seeded by
+(seed, step_id), so a seeded request's tokens depend neither on the batch nor on preemption.
+
+Logprobs are the model's: log_softmax of the RAW logits, before penalties, temperature and
+filtering (what OpenAI and vLLM's default report), so they say how likely the model found each
+token, whatever the sampling settings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .logits_processors import (
+    apply_penalties,
+    apply_temperature,
+    apply_top_k_top_p_min_p,
+    compute_logprobs,
+    mask_token_ids,
+    pad_token_ids,
+)
+from .model_input import ModelOutput, SamplingMetadata
+
+_MASK64 = (1 << 64) - 1
+# Smallest q drawn: Exp(1) can return 0 in float32, and probs / 0 would be inf or nan.
+_MIN_EXP = 1e-20
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [num_rows] int64
+    # Chosen token first, then the top-N by raw logprob; None when no row asked for logprobs.
+    logprob_token_ids: torch.Tensor | None  # [num_rows, 1 + max_num_logprobs] int64
+    logprobs: torch.Tensor | None  # [num_rows, 1 + max_num_logprobs] float32
+
+
+def step_seed(seed: int, step_id: int) -> int:
+    """A 63-bit generator seed from (request seed, output index): splitmix64 of both."""
+    x = (seed * 0x9E3779B97F4A7C15 + step_id * 0xBF58476D1CE4E5B9 + 0x632BE59BD9B4E019) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x ^= x >> 31
+    return x & ((1 << 63) - 1)
+
+
+class Sampler:
+    """Stateless: everything a step needs comes in `SamplingMetadata`."""
+
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [num_rows, vocab] float32
+        meta: SamplingMetadata,
+        banned_token_ids: list[list[int]] | None = None,
+    ) -> SamplerOutput:
+        """Sample one token per row. `logits` is not modified.
+
+        `banned_token_ids` (optional, per row) are masked to -inf before anything else; the engine
+        passes EOS and `stop_token_ids` for rows still below `min_tokens`.
+        """
+        assert logits.dim() == 2 and logits.shape[0] == meta.num_rows, (logits.shape, meta.num_rows)
+        logits = logits.float()  # a no-op for float32; penalties and softmax need it for bf16
+        raw_logits = logits
+        if banned_token_ids is not None and any(banned_token_ids):
+            logits = mask_token_ids(logits, banned_token_ids)
+        if meta.needs_penalties:
+            logits = self._penalize(logits, meta)
+
+        greedy_rows = [i for i, t in enumerate(meta.temperature) if t == 0.0]
+        random_rows = [i for i, t in enumerate(meta.temperature) if t != 0.0]
+        if not random_rows:
+            sampled = logits.argmax(dim=-1)
+        elif not greedy_rows:
+            sampled = self._sample_random(logits, meta, random_rows)
+        else:
+            sampled = logits.argmax(dim=-1)
+            rows = torch.tensor(random_rows, dtype=torch.int64, device=logits.device)
+            sampled[rows] = self._sample_random(logits[rows], meta, random_rows)
+
+        max_num_logprobs = meta.max_num_logprobs
+        if max_num_logprobs < 0:
+            return SamplerOutput(sampled, None, None)
+        logprob_ids, logprobs = gather_logprobs(compute_logprobs(raw_logits), sampled, max_num_logprobs)
+        return SamplerOutput(sampled, logprob_ids, logprobs)
+
+    @staticmethod
+    def _penalize(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        assert meta.prompt_token_ids is not None and meta.output_token_ids is not None
+        rows = [
+            i
+            for i in range(meta.num_rows)
+            if meta.repetition_penalty[i] != 1.0
+            or meta.presence_penalty[i] != 0.0
+            or meta.frequency_penalty[i] != 0.0
+        ]
+        device, vocab = logits.device, logits.shape[1]
+
+        def param(values: list[float]) -> torch.Tensor:
+            return torch.tensor([values[i] for i in rows], dtype=torch.float32, device=device)
+
+        prompt_ids = pad_token_ids([meta.prompt_token_ids[i] for i in rows], vocab, device)
+        output_ids = pad_token_ids([meta.output_token_ids[i] for i in rows], vocab, device)
+        if len(rows) == meta.num_rows:
+            sub = logits
+        else:
+            index = torch.tensor(rows, dtype=torch.int64, device=device)
+            sub = logits[index]
+        sub = apply_penalties(
+            sub,
+            prompt_ids,
+            output_ids,
+            param(meta.repetition_penalty),
+            param(meta.presence_penalty),
+            param(meta.frequency_penalty),
+        )
+        if len(rows) == meta.num_rows:
+            return sub
+        out = logits.clone()
+        out[index] = sub
+        return out
+
+    @staticmethod
+    def _sample_random(
+        logits: torch.Tensor,  # [num_random, vocab], rows = meta rows `rows`
+        meta: SamplingMetadata,
+        rows: list[int],
+    ) -> torch.Tensor:  # [num_random] int64
+        device = logits.device
+        temperature = torch.tensor(
+            [meta.temperature[i] for i in rows], dtype=torch.float32, device=device
+        )
+        logits = apply_temperature(logits, temperature)
+        top_k = top_p = min_p = None
+        max_top_k = max((meta.top_k[i] for i in rows), default=0)
+        if max_top_k > 0:
+            top_k = torch.tensor([meta.top_k[i] for i in rows], dtype=torch.int64, device=device)
+        if any(meta.top_p[i] < 1.0 for i in rows):
+            top_p = torch.tensor([meta.top_p[i] for i in rows], dtype=torch.float64, device=device)
+        if any(meta.min_p[i] > 0.0 for i in rows):
+            min_p = torch.tensor([meta.min_p[i] for i in rows], dtype=torch.float32, device=device)
+        if top_k is not None or top_p is not None or min_p is not None:
+            logits = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p, max_top_k)
+        probs = logits.softmax(dim=-1)  # [num_random, vocab]
+        q = torch.empty_like(probs)  # [num_random, vocab]
+        if any(meta.seeds[i] is None for i in rows):
+            q.exponential_()  # engine RNG, one batched draw; seeded rows are overwritten below
+        for j, i in enumerate(rows):
+            seed = meta.seeds[i]
+            if seed is not None:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(step_seed(seed, meta.step_ids[i]))
+                q[j].exponential_(generator=gen)
+        return probs.div_(q.clamp_min_(_MIN_EXP)).argmax(dim=-1)
+
+
+def gather_logprobs(
+    logprobs: torch.Tensor,  # [num_rows, vocab] float32
+    token_ids: torch.Tensor,  # [num_rows] int64, the chosen tokens
+    num_top: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # both [num_rows, 1 + num_top]
+    """The chosen token's logprob first, then the `num_top` best of the row."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))  # [num_rows, 1]
+    if num_top == 0:
+        return token_ids.unsqueeze(1), chosen
+    top_values, top_ids = logprobs.topk(num_top, dim=-1)  # [num_rows, num_top]
+    return (
+        torch.cat([token_ids.unsqueeze(1), top_ids], dim=1),
+        torch.cat([chosen, top_values], dim=1),
+    )
+
+
+def to_model_output(out: SamplerOutput, meta: SamplingMetadata) -> ModelOutput:
+    """Move a step's samples to the host, trimming each row's logprobs to what it asked for."""
+    sampled = out.sampled_token_ids.tolist()
+    if out.logprob_token_ids is None or out.logprobs is None:
+        return ModelOutput(sampled_token_ids=sampled)
+    ids = out.logprob_token_ids.tolist()
+    values = out.logprobs.tolist()
+    per_row: list[tuple[list[int], list[float]] | None] = []
+    for i, n in enumerate(meta.num_logprobs):
+        per_row.append(None if n < 0 else (ids[i][: 1 + n], values[i][: 1 + n]))
+    return ModelOutput(sampled_token_ids=sampled, logprobs=per_row)
