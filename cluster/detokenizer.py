@@ -13,6 +13,8 @@ prefix of some stop string) is held back until it is resolved, so a stream never
 """
 from __future__ import annotations
 
+import copy
+
 from typing import Any, Protocol
 
 # Prompt tokens decoded as left context of the first output token (enough for a leading-space
@@ -102,6 +104,13 @@ class IncrementalDetokenizer:
         start = len(self.output_text)
         self.output_text = self._text
         return self.output_text[start:]
+
+    def clone(self) -> "IncrementalDetokenizer":
+        """An independent copy with the same state (a forked sequence continues from here)."""
+        other = copy.copy(self)
+        other._ids = list(self._ids)
+        other._stop = list(self._stop)
+        return other
 
     # --- internals --------------------------------------------------------------------------
 

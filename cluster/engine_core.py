@@ -10,8 +10,9 @@ import time
 
 from raylm.cluster.config import EngineConfig
 from raylm.cluster.errors import QueueFullError
+from raylm.cluster.decoding import Logprobs, make_decoder
 from raylm.cluster.executor import InProcessExecutor
-from raylm.cluster.input_builder import build_model_input
+from raylm.cluster.input_builder import SampleGroup, build_model_input
 from raylm.cluster.kv_cache_manager import KVCacheManager
 from raylm.cluster.output_builder import make_request_output
 from raylm.cluster.outputs import RequestOutput
@@ -82,6 +83,7 @@ class EngineCore:
             raise ValueError(f"request_id {request_id!r} is already running")
         request = Request(request_id, text, token_ids, params, priority=priority,
                           eos_token_ids=self.eos_token_ids)
+        request.decoder = make_decoder(request)
         return request
 
     def add_request(self, request: Request) -> None:
@@ -114,31 +116,27 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        inp, sample_seqs = build_model_input(sched, self.kv.block_size)
+        inp, groups = build_model_input(sched, self.kv.block_size)
         out = self.executor.execute(inp)
-        return self._update(sched, sample_seqs, out, emit_deltas)
+        return self._update(sched, groups, out, emit_deltas)
 
-    def _update(self, sched: SchedulerOutput, sample_seqs: list[Sequence], out,
+    def _update(self, sched: SchedulerOutput, groups: list[SampleGroup], out,
                 emit_deltas: bool) -> list[RequestOutput]:
         now = time.monotonic()
-        touched: dict[str, Request] = {}
         for s in sched.scheduled:
             self.kv.cache_full_blocks(s.seq)
-        for row, (seq, token) in enumerate(zip(sample_seqs, out.sampled_token_ids)):
-            request = seq.request
+        touched: dict[str, Request] = {}
+        for g in groups:
+            seq, request = g.seq, g.seq.request
             if seq.is_finished:
                 continue
-            seq.token_ids.append(token)
-            self.num_generation_tokens += 1
-            if out.logprobs is not None and out.logprobs[row] is not None:
-                ids, values = out.logprobs[row]
-                seq.cumulative_logprob += values[0]
-                seq.output_logprobs.append(dict(zip(ids, values)))
+            rows = range(g.first_row, g.first_row + g.num_rows)
+            tokens = [out.sampled_token_ids[r] for r in rows]
+            lps = [out.logprobs[r] if out.logprobs is not None else None for r in rows]
+            hidden = out.hidden_states[g.first_row] if out.hidden_states is not None else None
             if request.first_token_time is None:
                 request.first_token_time = now
-            finish = self.stop_checker.check(seq, token)
-            if finish is not None:
-                self.scheduler.finish(seq, *finish)
+            request.decoder.on_sampled(seq, tokens, lps, hidden, self)
             touched[request.request_id] = request
         outputs = []
         for request in touched.values():
@@ -149,6 +147,35 @@ class EngineCore:
             elif emit_deltas:
                 outputs.append(make_request_output(request, final=False))
         return outputs
+
+    # -- EngineOps: how decoders change sequences --------------------------------------------
+    def append_token(self, seq: Sequence, token: int, logprobs: Logprobs | None) -> bool:
+        seq.token_ids.append(token)
+        self.num_generation_tokens += 1
+        if logprobs is not None:
+            ids, values = logprobs
+            seq.cumulative_logprob += values[0]
+            seq.output_logprobs.append(dict(zip(ids, values)))
+        finish = self.stop_checker.check(seq, token)
+        if finish is not None:
+            self.scheduler.finish(seq, *finish)
+            return True
+        return False
+
+    def fork(self, seq: Sequence, index: int) -> Sequence:
+        child = Sequence(seq.request, list(seq.token_ids), seq.num_prompt_tokens, index=index)
+        child.cumulative_logprob = seq.cumulative_logprob
+        child.output_logprobs = list(seq.output_logprobs)
+        child.num_cached_tokens = seq.num_cached_tokens
+        child.detokenizer = seq.detokenizer.clone()
+        self.kv.fork(seq, child)
+        seq.request.seqs.append(child)
+        self.scheduler.add_running(child)
+        return child
+
+    def finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        if not seq.is_finished:
+            self.scheduler.finish(seq, reason, stop_reason)
 
     # -- introspection ----------------------------------------------------------------------
     def get_stats(self) -> dict:

@@ -1,37 +1,20 @@
 """Turns a SchedulerOutput into the runner's ModelInput (flattened, host lists; pure Python)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from raylm.cluster.request import Sequence
 from raylm.cluster.scheduler import SchedulerOutput
 from raylm.workers.model_input import ModelInput, SamplingMetadata
 
 
-def build_sampling_metadata(rows: list[tuple[Sequence, int]]) -> SamplingMetadata:
-    """One entry per sampled row: (sequence, index of the output token being sampled)."""
-    params = [seq.request.params for seq, _ in rows]
-    seeds = []
-    for (seq, _), p in zip(rows, params):
-        # Each of a request's n sequences draws its own stream from the one seed.
-        seeds.append(None if p.seed is None else p.seed * 1_000_003 + seq.index)
-    meta = SamplingMetadata(
-        temperature=[p.temperature for p in params],
-        top_k=[p.top_k for p in params],
-        top_p=[p.top_p for p in params],
-        min_p=[p.min_p for p in params],
-        repetition_penalty=[p.repetition_penalty for p in params],
-        presence_penalty=[p.presence_penalty for p in params],
-        frequency_penalty=[p.frequency_penalty for p in params],
-        seeds=seeds,
-        step_ids=[step for _, step in rows],
-        num_logprobs=[-1 if p.logprobs is None else p.logprobs for p in params],
-    )
-    banned = [_banned_ids(seq, step) for seq, step in rows]
-    if any(banned):
-        meta.banned_token_ids = banned
-    if meta.needs_penalties:
-        meta.prompt_token_ids = [seq.prompt_token_ids for seq, _ in rows]
-        meta.output_token_ids = [seq.output_token_ids for seq, _ in rows]
-    return meta
+@dataclass
+class SampleGroup:
+    """The sampled rows [first_row, first_row + num_rows) of one sequence's logits row."""
+
+    seq: Sequence
+    first_row: int
+    num_rows: int
 
 
 def _banned_ids(seq: Sequence, step: int) -> list[int]:
@@ -45,13 +28,47 @@ def _banned_ids(seq: Sequence, step: int) -> list[int]:
     return ids
 
 
-def build_model_input(sched: SchedulerOutput, block_size: int) -> tuple[ModelInput, list[Sequence]]:
-    """Returns the step's ModelInput and, per sampled row, the sequence it samples for."""
+def build_sampling_metadata(groups: list[SampleGroup]) -> SamplingMetadata:
+    cols: dict[str, list] = {k: [] for k in (
+        "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+        "frequency_penalty", "seeds", "step_ids", "num_logprobs")}
+    banned, row_seqs = [], []
+    for g in groups:
+        seq, p, decoder = g.seq, g.seq.request.params, g.seq.request.decoder
+        greedy = decoder.is_greedy_row(seq)
+        step = seq.num_output_tokens
+        for i in range(g.num_rows):
+            cols["temperature"].append(0.0 if greedy else p.temperature)
+            cols["top_k"].append(0 if greedy else p.top_k)
+            cols["top_p"].append(1.0 if greedy else p.top_p)
+            cols["min_p"].append(0.0 if greedy else p.min_p)
+            cols["repetition_penalty"].append(p.repetition_penalty)
+            cols["presence_penalty"].append(p.presence_penalty)
+            cols["frequency_penalty"].append(p.frequency_penalty)
+            # Each of a request's n sequences draws its own stream from the one seed.
+            cols["seeds"].append(None if p.seed is None else p.seed * 1_000_003 + seq.index + i)
+            cols["step_ids"].append(step)
+            cols["num_logprobs"].append(decoder.num_logprobs(seq))
+            banned.append(_banned_ids(seq, step))
+            row_seqs.append(seq)
+    meta = SamplingMetadata(**cols)
+    if any(banned):
+        meta.banned_token_ids = banned
+    if meta.needs_penalties:
+        meta.prompt_token_ids = [seq.prompt_token_ids for seq in row_seqs]
+        meta.output_token_ids = [seq.output_token_ids for seq in row_seqs]
+    return meta
+
+
+def build_model_input(sched: SchedulerOutput, block_size: int
+                      ) -> tuple[ModelInput, list[SampleGroup]]:
+    """Returns the step's ModelInput and, per sequence that samples, its rows of the logits."""
     input_ids: list[int] = []
     positions: list[int] = []
     slot_mapping: list[int] = []
     query_lens, seq_lens, block_tables, logits_indices = [], [], [], []
-    sample_rows: list[tuple[Sequence, int]] = []
+    groups: list[SampleGroup] = []
+    want_hidden = False
     for s in sched.scheduled:
         seq, start, n = s.seq, s.start_pos, s.num_new_tokens
         end = start + n
@@ -68,8 +85,11 @@ def build_model_input(sched: SchedulerOutput, block_size: int) -> tuple[ModelInp
         seq_lens.append(end)
         block_tables.append(blocks)
         if s.samples:
-            logits_indices.append(len(input_ids) - 1)
-            sample_rows.append((seq, seq.num_output_tokens))
+            decoder = seq.request.decoder
+            num_rows = decoder.num_samples(seq)
+            groups.append(SampleGroup(seq, len(logits_indices), num_rows))
+            logits_indices.extend([len(input_ids) - 1] * num_rows)
+            want_hidden = want_hidden or decoder.wants_hidden_states(seq)
     inp = ModelInput(
         input_ids=input_ids,
         positions=positions,
@@ -78,7 +98,8 @@ def build_model_input(sched: SchedulerOutput, block_size: int) -> tuple[ModelInp
         seq_lens=seq_lens,
         block_tables=block_tables,
         logits_indices=logits_indices,
-        sampling=build_sampling_metadata(sample_rows),
+        sampling=build_sampling_metadata(groups),
         copy_blocks=list(sched.copy_blocks),
+        return_hidden_states=want_hidden,
     )
-    return inp, [seq for seq, _ in sample_rows]
+    return inp, groups

@@ -92,6 +92,8 @@ class Request:
         self.finished_time: float | None = None
         self.num_preemptions = 0
         self.aborted = False
+        self.decoder: Any = None  # a cluster.decoding.Decoder, set by the engine
+        self.cache_salt: str | None = None  # isolates this request's prefix-cache entries
 
     @property
     def is_finished(self) -> bool:

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny random checkpoints built locally (no downloads)."""
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Callable[[str], pathlib.Path]:
+    """Factory: ``tiny_model("llama" | "mistral" | "qwen2" | "qwen3")`` -> checkpoint directory.
+
+    Each architecture is built once per test session (seed 0) and shared by every test.
+    """
+    from raylm.workers.make_model import make_model
+
+    built: dict[str, pathlib.Path] = {}
+
+    def get(arch: str = "llama") -> pathlib.Path:
+        if arch not in built:
+            built[arch] = make_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch=arch,
+                                     preset="tiny", seed=0)
+        return built[arch]
+
+    return get
