@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Subcommands that live in their own modules: name -> (module, help). Each module exposes
@@ -97,6 +98,11 @@ def _lazy(p: argparse.ArgumentParser, module_name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("RAYLM_ATTENTION_BACKEND") == "triton":
+        import torch
+
+        if not torch.cuda.is_available():  # Triton on CPU = its interpreter, set before import
+            os.environ.setdefault("TRITON_INTERPRET", "1")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

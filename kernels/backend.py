@@ -6,6 +6,7 @@ overrides (read in one place: :func:`backend_name_for`).
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -62,6 +63,11 @@ def backend_name_for(device: torch.device) -> str:
 def get_backend(device: torch.device | str) -> TorchBackend:
     name = backend_name_for(torch.device(device))
     if name == "triton":
+        if (torch.device(device).type != "cuda" and "triton.language" in sys.modules
+                and os.environ.get("TRITON_INTERPRET") != "1"):
+            raise RuntimeError("the Triton backend on CPU runs in Triton's interpreter, which "
+                               "must be on before triton is first imported: start the process "
+                               "with TRITON_INTERPRET=1")
         from raylm.kernels.backend_triton import TritonBackend
 
         return TritonBackend()

@@ -1,10 +1,17 @@
 """Shared fixtures: tiny random checkpoints built locally (no downloads)."""
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Callable
 
 import pytest
+import torch
+
+# Triton picks interpreter or compiler when its modules are first imported (building an HF model
+# imports it), so on a CPU-only machine the interpreter must be on before anything else runs.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
