@@ -54,6 +54,13 @@ def num_blocks_for_gpu(device: torch.device, utilization: float, block_bytes: in
 def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int, dtype: torch.dtype, device: torch.device
                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Uninitialised, so untouched host pages cost nothing; block 0 is zeroed because masked
+    (padding) positions of the reference attention read it, and 0 * garbage could be NaN."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device),
-             torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
+    caches = []
+    for _ in range(num_layers):
+        k, v = (torch.empty(shape, dtype=dtype, device=device) for _ in range(2))
+        k[0].zero_()
+        v[0].zero_()
+        caches.append((k, v))
+    return caches

@@ -1,0 +1,1 @@
+"""Ray Serve application of raylm: ingress (OpenAI HTTP + gRPC), LLMServer replicas, CLI."""

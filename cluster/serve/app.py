@@ -1,0 +1,102 @@
+"""The raylm Serve application: `build_app(args)`, importable as
+`raylm.cluster.serve.app:build_app` from a Serve config file (deploy/serve_config.yaml)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ray import serve
+
+from raylm.cluster.serve.ingress import Ingress
+from raylm.cluster.serve.llm_server import LLMServer
+
+GRPC_SERVICER_FUNCTIONS = ["raylm.proto.generation_pb2_grpc.add_GenerationServicer_to_server"]
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_GRPC_PORT = 9000
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """What `build_app` accepts (the `args:` of a Serve config). Engine fields left at None use
+    the engine's defaults; `model=None` serves the built-in demo model."""
+
+    # engine
+    model: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    block_size: int = 16
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    kv_cache_memory: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    max_queued_requests: int | None = None
+    tensor_parallel_size: int = 1
+    # placement: resources of each tensor-parallel rank's bundle
+    num_cpus_per_rank: float = 1.0
+    num_gpus_per_rank: float = 0.0
+    # autoscaling
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 16.0
+    max_ongoing_requests: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "tensor_parallel_size", "min_replicas", "max_replicas",
+                     "max_ongoing_requests"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "min_replicas" else 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas "
+                             f"({self.min_replicas})")
+        if self.target_ongoing_requests <= 0:
+            raise ValueError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        if self.num_cpus_per_rank < 0 or self.num_gpus_per_rank < 0:
+            raise ValueError("num_cpus_per_rank / num_gpus_per_rank must be >= 0")
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> "AppConfig":
+        args = dict(args or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown raylm app argument (known: {sorted(known)})")
+        return cls(**args)
+
+    def engine_args(self) -> dict[str, Any]:
+        engine_fields = ("model", "dtype", "device", "max_model_len", "gpu_memory_utilization",
+                         "block_size", "max_num_seqs", "max_num_batched_tokens",
+                         "kv_cache_memory", "enable_prefix_caching", "seed", "max_queued_requests")
+        out = {k: v for k, v in asdict(self).items() if k in engine_fields and v is not None}
+        out["max_queued_requests"] = self.max_queued_requests
+        out["tensor_parallel_size"] = self.tensor_parallel_size
+        return out
+
+    def placement_group_bundles(self) -> list[dict[str, float]]:
+        """One bundle per tensor-parallel rank; bundle 0 also holds the replica actor."""
+        bundle = {"CPU": self.num_cpus_per_rank}
+        if self.num_gpus_per_rank:
+            bundle["GPU"] = self.num_gpus_per_rank
+        return [dict(bundle) for _ in range(self.tensor_parallel_size)]
+
+    def autoscaling_config(self) -> dict[str, Any]:
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "initial_replicas": max(self.min_replicas, 1),
+                "target_ongoing_requests": self.target_ongoing_requests}
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """Ingress -> LLMServer (autoscaled, one placement group per replica)."""
+    config = AppConfig.from_args(args)
+    llm_server = LLMServer.options(
+        autoscaling_config=config.autoscaling_config(),
+        placement_group_bundles=config.placement_group_bundles(),
+        placement_group_strategy="STRICT_PACK",  # TP ranks share a node (NVLink)
+        ray_actor_options={"num_cpus": config.num_cpus_per_rank,
+                           "num_gpus": config.num_gpus_per_rank},
+        max_ongoing_requests=config.max_ongoing_requests,
+    ).bind(config.engine_args())
+    return Ingress.bind(llm_server)

@@ -1,0 +1,230 @@
+"""LLMServer: the Serve deployment whose replicas each own one AsyncEngine (one model instance).
+
+The ingress talks to it through a streaming DeploymentHandle. Every item crossing the
+boundary is a small dict, so nothing engine-specific is pickled:
+  step item:  {"request_id", "prompt_tokens", "cached_tokens", "finished",
+               "choices": [{"index", "text", "token_ids", "logprobs", "finish_reason"}]}
+              (text / token_ids / logprobs are the deltas since the previous item)
+  error item: {"error": {"kind", "message", "param"}}  (always the only item of its stream)
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from raylm.cluster.serve.errors import ServeError, error_from_exception
+from raylm.cluster.serve.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+STATS_INTERVAL_S = 1.0  # how often the replica publishes engine gauges
+
+
+def resolve_model(model: str | None) -> str:
+    """The model to load; None means the built-in demo model (built on this node)."""
+    if model:
+        return model
+    from raylm.workers.make_model import demo_model_dir
+
+    return str(demo_model_dir())
+
+
+async def _quietly(awaitable) -> None:
+    try:
+        await awaitable
+    except Exception:
+        logger.debug("cleanup step failed", exc_info=True)
+
+
+@serve.deployment(name="LLMServer", max_ongoing_requests=256, health_check_period_s=10)
+class LLMServer:
+    def __init__(self, engine_args: dict[str, Any]) -> None:
+        from raylm.cluster import AsyncEngine
+
+        engine_args = dict(engine_args)
+        engine_args["model"] = resolve_model(engine_args.get("model"))
+        self.engine = AsyncEngine(**engine_args)
+        self.tokenizer = self.engine.tokenizer
+        self.model_name: str = self.engine.model_name
+        self.metrics = ServerMetrics(self.model_name)
+        self._stats_task: asyncio.Task | None = None
+
+    # --- generation ---------------------------------------------------------------------------
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream one request's step items (see the module docstring)."""
+        self._ensure_stats_task()
+        try:
+            prompt = self._prompt(request)
+            sampling = self._sampling_params(request.get("sampling") or {}, prompt,
+                                             request.get("max_tokens_default"))
+        except Exception as exc:  # bad input: one error item, the stream ends
+            yield error_from_exception(exc).to_dict()
+            return
+        request_id = request.get("request_id") or uuid.uuid4().hex
+        num_logprobs = sampling.logprobs
+        timer = self.metrics.timer()
+        stream = self.engine.generate(prompt, sampling, request_id=request_id,
+                                      priority=int(request.get("priority", 0)))
+        finished = False
+        started = False
+        try:
+            async for out in stream:
+                started = True
+                choices = []
+                for comp in out.outputs:
+                    if not comp.delta_token_ids and not comp.delta_text and comp.finish_reason is None:
+                        continue
+                    choices.append({
+                        "index": comp.index,
+                        "text": comp.delta_text,
+                        "token_ids": list(comp.delta_token_ids),
+                        "logprobs": self._logprobs(comp.delta_token_ids, comp.delta_logprobs,
+                                                   num_logprobs),
+                        "finish_reason": comp.finish_reason,
+                    })
+                timer.on_tokens(sum(len(c["token_ids"]) for c in choices))
+                finished = out.finished
+                if not choices and not finished:
+                    continue
+                yield {
+                    "request_id": request_id,
+                    "prompt_tokens": len(out.prompt_token_ids),
+                    "cached_tokens": out.num_cached_tokens,
+                    "completion_tokens": out.num_generated_tokens,
+                    "finished": finished,
+                    "choices": choices,
+                }
+                if finished:
+                    timer.on_finish(out.outputs[0].finish_reason if out.outputs else None)
+        except Exception as exc:
+            if started:
+                raise
+            # the engine validates when the stream starts: report it as a typed error item
+            yield error_from_exception(exc).to_dict()
+        finally:
+            if not finished:
+                # client gone or cancelled: make sure the engine frees the request's blocks
+                await _quietly(stream.aclose())
+                await _quietly(self.engine.abort(request_id))
+
+    def _prompt(self, request: dict[str, Any]) -> str | list[int]:
+        model = request.get("model")
+        if model and model != self.model_name:
+            raise ServeError("not_found", f"model '{model}' is not served here; this server "
+                             f"serves '{self.model_name}'", "model")
+        inputs = [k for k in ("prompt", "prompt_token_ids", "messages") if request.get(k) is not None]
+        if len(inputs) != 1:
+            raise ServeError("invalid_argument",
+                             "input: exactly one of prompt, token_ids or messages is required",
+                             "prompt")
+        if request.get("prompt") is not None:
+            if not isinstance(request["prompt"], str) or not request["prompt"]:
+                raise ValueError("prompt must be a non-empty string")
+            return request["prompt"]
+        if request.get("prompt_token_ids") is not None:
+            ids = [int(t) for t in request["prompt_token_ids"]]
+            vocab = len(self.tokenizer)
+            if not ids or any(t < 0 or t >= vocab for t in ids):
+                raise ValueError(f"prompt_token_ids must be a non-empty list of ids in [0, {vocab})")
+            return ids
+        return self.render_chat(request["messages"], request.get("add_generation_prompt", True))
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of chat messages rendered with the model's chat template."""
+        if not messages:
+            raise ValueError("messages must be a non-empty list")
+        for m in messages:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError("messages: each message needs a string role and content")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("messages: the model has no chat template; send a prompt instead")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+        # the template already holds the special tokens (BOS...): do not add them twice
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _sampling_params(self, fields: dict[str, Any], prompt: str | list[int],
+                         max_tokens_default: str | None):
+        """SamplingParams from the set fields; `max_tokens_default="context"` (chat) fills an
+        unset max_tokens with the room left in the context instead of SamplingParams' 16."""
+        from raylm.cluster import SamplingParams
+
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if "max_tokens" not in fields and max_tokens_default == "context":
+            num_prompt = len(prompt) if isinstance(prompt, list) else len(
+                self.tokenizer(prompt)["input_ids"])
+            fields["max_tokens"] = max(1, self.engine.max_model_len - num_prompt)
+        return SamplingParams(**fields)
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None,
+                  num_top: int | None) -> list[dict[str, Any]] | None:
+        if logprobs is None or num_top is None:
+            return None
+        entries = []
+        for token_id, position in zip(token_ids, logprobs):
+            top = sorted(position.items(), key=lambda kv: kv[1], reverse=True)[:num_top]
+            entries.append({
+                "token_id": int(token_id),
+                "token": self.tokenizer.decode([token_id]),
+                "logprob": float(position.get(token_id, float("-inf"))),
+                "top": [{"token_id": int(t), "token": self.tokenizer.decode([t]), "logprob": float(lp)}
+                        for t, lp in top],
+            })
+        return entries
+
+    # --- other RPCs ---------------------------------------------------------------------------
+
+    def tokenize(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            if request.get("messages") is not None:
+                ids = self.render_chat(request["messages"], request.get("add_generation_prompt", True))
+            elif isinstance(request.get("text"), str):
+                ids = list(self.tokenizer(request["text"], add_special_tokens=request.get(
+                    "add_special_tokens", True))["input_ids"])
+            else:
+                raise ValueError("text: one of text or chat is required")
+        except Exception as exc:
+            return error_from_exception(exc).to_dict()
+        return {"token_ids": ids, "tokens": self.tokenizer.convert_ids_to_tokens(ids)}
+
+    def model_info(self) -> dict[str, Any]:
+        eos = self.tokenizer.eos_token_id
+        return {
+            "model": self.model_name,
+            "max_model_len": int(self.engine.max_model_len),
+            "vocab_size": len(self.tokenizer),
+            "eos_token_id": int(eos) if eos is not None else 0,
+            "has_chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
+        }
+
+    def get_stats(self) -> dict[str, Any]:
+        """The engine's counters (tests and operators use it to check that blocks were freed)."""
+        return dict(self.engine.get_stats())
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising gets the replica replaced."""
+        self.engine.check_health()
+
+    # --- metrics ------------------------------------------------------------------------------
+
+    def _ensure_stats_task(self) -> None:
+        if self._stats_task is None or self._stats_task.done():
+            self._stats_task = asyncio.get_running_loop().create_task(self._publish_stats())
+
+    async def _publish_stats(self) -> None:
+        while True:
+            try:
+                self.metrics.record_stats(self.engine.get_stats())
+            except Exception:  # metrics must never take the replica down
+                logger.exception("could not publish engine stats")
+            await asyncio.sleep(STATS_INTERVAL_S)
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

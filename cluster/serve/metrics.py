@@ -1,0 +1,99 @@
+"""Prometheus metrics of an LLMServer replica, exported through `ray.util.metrics` (Ray's
+metrics agent serves them to Prometheus on each node's metrics port)."""
+from __future__ import annotations
+
+import time
+
+from ray.util import metrics
+
+# Latency buckets in seconds: sub-millisecond decode steps up to minute-long requests.
+_LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                       0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0]
+
+# engine.get_stats() counters that only grow -> the Prometheus counter they feed.
+_MONOTONIC_STATS = {
+    "num_prompt_tokens": "raylm_prompt_tokens_total",
+    "num_generation_tokens": "raylm_generation_tokens_total",
+    "num_preemptions": "raylm_num_preemptions_total",
+}
+
+
+class ServerMetrics:
+    """The gauges are refreshed from `engine.get_stats()` by `record_stats`; the latency
+    histograms are observed per request through a `RequestTimer`."""
+
+    def __init__(self, model_name: str) -> None:
+        tags = ("model",)
+        self._tags = {"model": model_name}
+        self.running = metrics.Gauge("raylm_num_requests_running", "Requests in the running batch.",
+                                     tag_keys=tags)
+        self.waiting = metrics.Gauge("raylm_num_requests_waiting", "Requests waiting to be scheduled.",
+                                     tag_keys=tags)
+        self.kv_usage = metrics.Gauge("raylm_kv_cache_usage_ratio",
+                                      "Fraction of KV cache blocks in use (0..1).", tag_keys=tags)
+        self.prefix_hit_rate = metrics.Gauge("raylm_prefix_cache_hit_rate",
+                                             "Prompt tokens served from the prefix cache (0..1).",
+                                             tag_keys=tags)
+        self.ttft = metrics.Histogram("raylm_time_to_first_token_seconds",
+                                      "Arrival to first generated token.",
+                                      boundaries=_LATENCY_BOUNDARIES, tag_keys=tags)
+        self.itl = metrics.Histogram("raylm_inter_token_latency_seconds",
+                                     "Time between consecutive generated tokens.",
+                                     boundaries=_LATENCY_BOUNDARIES, tag_keys=tags)
+        self.e2e = metrics.Histogram("raylm_e2e_request_latency_seconds",
+                                     "Arrival to the request's last token.",
+                                     boundaries=_LATENCY_BOUNDARIES, tag_keys=tags)
+        self.requests = metrics.Counter("raylm_requests_total", "Finished requests.",
+                                        tag_keys=("model", "finish_reason"))
+        self._counters = {
+            key: metrics.Counter(name, f"Engine counter {key}.", tag_keys=tags)
+            for key, name in _MONOTONIC_STATS.items()
+        }
+        self._last_counts = {key: 0 for key in _MONOTONIC_STATS}
+
+    def record_stats(self, stats: dict) -> None:
+        """Publish one `engine.get_stats()` snapshot."""
+        self.running.set(stats.get("num_running", 0), tags=self._tags)
+        self.waiting.set(stats.get("num_waiting", 0), tags=self._tags)
+        self.kv_usage.set(float(stats.get("kv_usage", 0.0)), tags=self._tags)
+        self.prefix_hit_rate.set(float(stats.get("prefix_cache_hit_rate", 0.0)), tags=self._tags)
+        for key, counter in self._counters.items():
+            value = int(stats.get(key, 0))
+            delta = value - self._last_counts[key]
+            if delta > 0:
+                counter.inc(delta, tags=self._tags)
+            self._last_counts[key] = value
+
+    def timer(self) -> "RequestTimer":
+        return RequestTimer(self)
+
+
+class RequestTimer:
+    """Latencies of one request: call `on_tokens(k)` per delta, `on_finish(reason)` at the end."""
+
+    def __init__(self, owner: ServerMetrics) -> None:
+        self._owner = owner
+        self.arrival = time.perf_counter()
+        self.first_token: float | None = None
+        self._last_token: float | None = None
+
+    def on_tokens(self, num_new_tokens: int) -> None:
+        if num_new_tokens <= 0:
+            return
+        now = time.perf_counter()
+        tags = self._owner._tags
+        if self.first_token is None:
+            self.first_token = now
+            self._owner.ttft.observe(now - self.arrival, tags=tags)
+            num_new_tokens -= 1
+        elif self._last_token is not None:
+            # a delta of k tokens (speculative decoding, n > 1) spreads the gap over them
+            gap = (now - self._last_token) / num_new_tokens
+            for _ in range(num_new_tokens):
+                self._owner.itl.observe(gap, tags=tags)
+        self._last_token = now
+
+    def on_finish(self, finish_reason: str | None) -> None:
+        tags = self._owner._tags
+        self._owner.e2e.observe(time.perf_counter() - self.arrival, tags=tags)
+        self._owner.requests.inc(1, tags={**tags, "finish_reason": finish_reason or "none"})

@@ -1,0 +1,169 @@
+"""OpenAI response bodies, assembled from LLMServer's step items (see llm_server.py).
+
+`streams` below are async iterators of step items, one per prompt; an error item is turned
+into a ServeError before any byte of the response is sent, so the client gets a proper status."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from raylm.cluster.serve.errors import ServeError
+
+ItemStream = AsyncIterator[dict[str, Any]]
+
+
+async def start_stream(stream: ItemStream) -> tuple[dict[str, Any], ItemStream]:
+    """Read the first item (raising its error, if it is one) and return it with the rest."""
+    first = await stream.__anext__()
+    if "error" in first:
+        raise ServeError.from_dict(first)
+    return first, stream
+
+
+async def _items(first: dict[str, Any], rest: ItemStream) -> AsyncIterator[dict[str, Any]]:
+    yield first
+    async for item in rest:
+        if "error" in item:
+            raise ServeError.from_dict(item)
+        yield item
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+class _Accumulator:
+    """Per-choice text/tokens/logprobs and the request's usage."""
+
+    def __init__(self) -> None:
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.completion_tokens = 0
+
+    def add(self, item: dict[str, Any], index_offset: int) -> None:
+        self.prompt_tokens = item["prompt_tokens"]
+        self.cached_tokens = item.get("cached_tokens", 0)
+        for c in item["choices"]:
+            acc = self.choices.setdefault(c["index"] + index_offset, {
+                "text": "", "token_ids": [], "logprobs": None, "finish_reason": None})
+            acc["text"] += c["text"]
+            acc["token_ids"] += c["token_ids"]
+            self.completion_tokens += len(c["token_ids"])
+            if c["logprobs"] is not None:
+                acc["logprobs"] = (acc["logprobs"] or []) + c["logprobs"]
+            if c["finish_reason"] is not None:
+                acc["finish_reason"] = c["finish_reason"]
+
+
+def completion_logprobs(entries: list[dict[str, Any]] | None, text_start: int = 0) -> dict | None:
+    if entries is None:
+        return None
+    offsets, pos = [], text_start
+    for e in entries:
+        offsets.append(pos)
+        pos += len(e["token"])
+    return {"tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in entries],
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict | None:
+    if entries is None:
+        return None
+
+    def one(e: dict[str, Any]) -> dict[str, Any]:
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode())}
+
+    return {"content": [{**one(e), "top_logprobs": [one(t) for t in e["top"]]} for e in entries]}
+
+
+def _sse(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def completion_response(starts: list[tuple[dict, ItemStream]], n: int, model: str) -> dict:
+    acc = _Accumulator()
+    prompt_tokens = cached = 0
+    for prompt_index, (first, rest) in enumerate(starts):
+        acc.prompt_tokens = 0
+        async for item in _items(first, rest):
+            acc.add(item, prompt_index * n)
+        prompt_tokens += acc.prompt_tokens
+        cached += acc.cached_tokens
+    choices = [{"index": i, "text": c["text"], "logprobs": completion_logprobs(c["logprobs"]),
+                "finish_reason": c["finish_reason"]} for i, c in sorted(acc.choices.items())]
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+            "created": int(time.time()), "model": model, "choices": choices,
+            "usage": _usage(prompt_tokens, acc.completion_tokens, cached)}
+
+
+async def completion_stream(starts: list[tuple[dict, ItemStream]], n: int, model: str,
+                            include_usage: bool) -> AsyncIterator[str]:
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    prompt_tokens = completion_tokens = cached = 0
+    for prompt_index, (first, rest) in enumerate(starts):
+        last = first
+        async for item in _items(first, rest):
+            last = item
+            for c in item["choices"]:
+                completion_tokens += len(c["token_ids"])
+                yield _sse({"id": rid, "object": "text_completion", "created": created,
+                            "model": model, "choices": [{
+                                "index": c["index"] + prompt_index * n, "text": c["text"],
+                                "logprobs": completion_logprobs(c["logprobs"]),
+                                "finish_reason": c["finish_reason"]}]})
+        prompt_tokens += last["prompt_tokens"]
+        cached += last.get("cached_tokens", 0)
+    if include_usage:
+        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [], "usage": _usage(prompt_tokens, completion_tokens, cached)})
+    yield SSE_DONE
+
+
+async def chat_response(first: dict, rest: ItemStream, model: str) -> dict:
+    acc = _Accumulator()
+    async for item in _items(first, rest):
+        acc.add(item, 0)
+    choices = [{"index": i, "message": {"role": "assistant", "content": c["text"]},
+                "logprobs": chat_logprobs(c["logprobs"]), "finish_reason": c["finish_reason"]}
+               for i, c in sorted(acc.choices.items())]
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+            "created": int(time.time()), "model": model, "choices": choices,
+            "usage": _usage(acc.prompt_tokens, acc.completion_tokens, acc.cached_tokens)}
+
+
+async def chat_stream(first: dict, rest: ItemStream, model: str, include_usage: bool
+                      ) -> AsyncIterator[str]:
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(choices: list[dict], **extra: Any) -> str:
+        return _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                     "model": model, "choices": choices, **extra})
+
+    opened: set[int] = set()
+    last, completion_tokens = first, 0
+    async for item in _items(first, rest):
+        last = item
+        for c in item["choices"]:
+            if c["index"] not in opened:  # OpenAI opens each choice with its role
+                opened.add(c["index"])
+                yield chunk([{"index": c["index"], "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}])
+            completion_tokens += len(c["token_ids"])
+            delta = {"content": c["text"]} if c["text"] or c["finish_reason"] is None else {}
+            yield chunk([{"index": c["index"], "delta": delta,
+                          "logprobs": chat_logprobs(c["logprobs"]),
+                          "finish_reason": c["finish_reason"]}])
+    if include_usage:
+        yield chunk([], usage=_usage(last["prompt_tokens"], completion_tokens,
+                                     last.get("cached_tokens", 0)))
+    yield SSE_DONE

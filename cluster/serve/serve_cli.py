@@ -1,0 +1,149 @@
+"""`raylm serve`: start (or join) Ray, deploy the raylm Serve app, print the endpoints and serve
+until SIGINT/SIGTERM, then shut Serve down cleanly.
+
+    raylm serve                                   # the built-in demo model on :8000 / :9000
+    raylm serve --model ./ckpt --max-replicas 4   # autoscale 1..4 replicas
+    raylm serve --config deploy/serve_config.yaml # the same config KubeRay's RayService runs
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+APP_NAME = "raylm"
+APP_IMPORT_PATH = "raylm.cluster.serve.app:build_app"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="checkpoint directory or HF repo id (default: the built-in demo model)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (e.g. 'auto'); default starts a local Ray")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree per replica")
+    parser.add_argument("--min-replicas", type=int, default=1)
+    parser.add_argument("--max-replicas", type=int, default=1)
+    parser.add_argument("--target-ongoing-requests", type=float, default=16.0,
+                        help="autoscaling target of in-flight requests per replica")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=9000)
+    parser.add_argument("--host", default="0.0.0.0", help="HTTP bind address")
+    parser.add_argument("--config", default=None, type=Path,
+                        help="a Serve config file (deploy/serve_config.yaml); overrides the flags "
+                             "above except --address")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes (CPU)")
+    parser.add_argument("--max-queued-requests", type=int, default=None,
+                        help="queue limit per replica; beyond it requests get 429/RESOURCE_EXHAUSTED")
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="CPUs of the local Ray started when --address is not given")
+
+
+def app_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The build_app args the flags describe."""
+    if args.tp != 1:
+        raise ValueError(f"--tp: only 1 is supported by `raylm serve` for now, got {args.tp}")
+    out = {
+        "model": args.model, "dtype": args.dtype, "device": args.device,
+        "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
+        "kv_cache_memory": args.kv_cache_memory, "max_queued_requests": args.max_queued_requests,
+        "enable_prefix_caching": not args.no_prefix_caching, "seed": args.seed,
+        "tensor_parallel_size": args.tp, "min_replicas": args.min_replicas,
+        "max_replicas": args.max_replicas, "target_ongoing_requests": args.target_ongoing_requests,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """A Serve config file (the schema `serve deploy` takes), validated by Serve's own model."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    if not path.is_file():
+        raise ValueError(f"--config: no such file {path}")
+    raw = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(raw)
+    return raw
+
+
+def _deploy_from_config(config: dict[str, Any]) -> tuple[int, int, list[str]]:
+    from ray import serve
+    from ray.serve._private.utils import import_attr
+
+    http = config.get("http_options") or {}
+    grpc = config.get("grpc_options") or {}
+    serve.start(http_options=http, grpc_options=grpc)
+    names = []
+    for app in config["applications"]:
+        builder = import_attr(app["import_path"].replace(":", "."))
+        serve.run(builder(app.get("args") or {}), name=app["name"],
+                  route_prefix=app.get("route_prefix", "/"), blocking=False)
+        names.append(app["name"])
+    return http.get("port", 8000), grpc.get("port", 9000), names
+
+
+def _deploy_from_flags(args: argparse.Namespace) -> tuple[int, int, list[str]]:
+    from ray import serve
+
+    from raylm.cluster.serve.app import GRPC_SERVICER_FUNCTIONS, build_app
+
+    app = build_app(app_args(args))
+    serve.start(http_options={"host": args.host, "port": args.http_port},
+                grpc_options={"port": args.grpc_port,
+                              "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    return args.http_port, args.grpc_port, [APP_NAME]
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    config = load_config(args.config) if args.config else None
+    if config is None:
+        app_args(args)  # flag errors before Ray starts
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=args.address, num_cpus=args.num_cpus if args.address is None else None,
+                 include_dashboard=False, log_to_driver=False)
+    try:
+        if config is not None:
+            http_port, grpc_port, names = _deploy_from_config(config)
+        else:
+            http_port, grpc_port, names = _deploy_from_flags(args)
+        model = _model_name(names[0])
+        print(f"raylm serving model {model!r}", flush=True)
+        print(f"  OpenAI HTTP: http://127.0.0.1:{http_port}/v1  (GET /v1/models, POST /v1/completions, "
+              f"/v1/chat/completions; GET /health)", flush=True)
+        print(f"  gRPC:        127.0.0.1:{grpc_port}  raylm.v1.Generation (metadata application="
+              f"{names[0]}; reflection on)", flush=True)
+        print("Press Ctrl+C to stop.", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("shutting down", flush=True)
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _model_name(app_name: str) -> str:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMServer", app_name=app_name)
+    return handle.model_info.remote().result()["model"]

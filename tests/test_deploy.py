@@ -1,0 +1,118 @@
+"""deploy/: the RayService manifests validate strictly against the KubeRay CRDs, embed the Serve
+config files verbatim, and those configs build the raylm app."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+KUBERAY = ROOT.parent / "shared" / "kuberay"
+MANIFESTS = {"rayservice-cpu.yaml": "serve_config.yaml", "rayservice-gpu.yaml": "serve_config_gpu.yaml"}
+
+
+def _strict(schema: dict) -> dict:
+    """The CRD's OpenAPI v3 schema as a strict JSON schema: unknown fields are errors, required
+    fields with a default are optional, int-or-string accepts both."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node: dict) -> dict:
+        if node.pop("x-kubernetes-int-or-string", False):
+            node.pop("type", None)
+            node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        props = node.get("properties")
+        if props:
+            for key, sub in props.items():
+                props[key] = walk(sub)
+            if "required" in node:
+                node["required"] = [r for r in node["required"] if "default" not in props.get(r, {})]
+            if not node.get("x-kubernetes-preserve-unknown-fields"):
+                node.setdefault("additionalProperties", False)
+        if isinstance(node.get("items"), dict):
+            node["items"] = walk(node["items"])
+        if isinstance(node.get("additionalProperties"), dict):
+            node["additionalProperties"] = walk(node["additionalProperties"])
+        return node
+
+    return walk(schema)
+
+
+@pytest.fixture(scope="module")
+def rayservice_schema() -> dict:
+    if not (KUBERAY / "ray.io_rayservices.yaml").is_file():
+        pytest.skip(f"KubeRay CRDs not found at {KUBERAY} (expected ../shared/kuberay next to the repo)")
+    crd = yaml.safe_load((KUBERAY / "ray.io_rayservices.yaml").read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return _strict(version["schema"]["openAPIV3Schema"])
+
+
+@pytest.mark.parametrize("manifest", sorted(MANIFESTS))
+def test_manifest_validates_against_crd(rayservice_schema, manifest):
+    import jsonschema
+
+    doc = yaml.safe_load((DEPLOY / manifest).read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+    jsonschema.validate(doc, rayservice_schema)
+    assert doc["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+
+
+def test_strict_check_catches_a_typo(rayservice_schema):
+    import jsonschema
+
+    doc = yaml.safe_load((DEPLOY / "rayservice-cpu.yaml").read_text())
+    cluster = doc["spec"]["rayClusterConfig"]
+    cluster["enableInTreeAutoScaling"] = cluster.pop("enableInTreeAutoscaling")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, rayservice_schema)
+
+
+@pytest.mark.parametrize("manifest", sorted(MANIFESTS))
+def test_serve_config_is_embedded_verbatim(manifest):
+    doc = yaml.safe_load((DEPLOY / manifest).read_text())
+    embedded = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    local = yaml.safe_load((DEPLOY / MANIFESTS[manifest]).read_text())
+    assert embedded == local
+
+
+@pytest.mark.parametrize("config", sorted(MANIFESTS.values()))
+def test_serve_configs_are_valid_and_build_the_app(config):
+    from ray.serve.schema import ServeDeploySchema
+
+    from raylm.cluster.serve.app import GRPC_SERVICER_FUNCTIONS, AppConfig, build_app
+
+    raw = yaml.safe_load((DEPLOY / config).read_text())
+    ServeDeploySchema.model_validate(raw)
+    assert raw["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICER_FUNCTIONS
+    (app,) = raw["applications"]
+    assert app["import_path"] == "raylm.cluster.serve.app:build_app"
+    app_config = AppConfig.from_args(app["args"])
+    assert len(app_config.placement_group_bundles()) == app_config.tensor_parallel_size
+    build_app(app["args"])  # builds the deployment graph without starting Ray
+
+
+def test_gpu_config_is_tensor_parallel_and_autoscaled():
+    from raylm.cluster.serve.app import AppConfig
+
+    args = yaml.safe_load((DEPLOY / "serve_config_gpu.yaml").read_text())["applications"][0]["args"]
+    config = AppConfig.from_args(args)
+    assert config.tensor_parallel_size > 1
+    assert all(b.get("GPU") == 1 for b in config.placement_group_bundles())
+    assert config.max_replicas > config.min_replicas
+
+
+def test_app_args_are_checked():
+    from raylm.cluster.serve.app import AppConfig
+
+    with pytest.raises(ValueError, match="max_num_seq"):
+        AppConfig.from_args({"max_num_seq": 4})  # typo of max_num_seqs
+    with pytest.raises(ValueError, match="max_replicas"):
+        AppConfig.from_args({"min_replicas": 3, "max_replicas": 2})
+
+
+def test_dockerfile_builds_on_the_ray_image():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "FROM rayproject/ray:" in text
+    assert text.index("torch") < text.index('".[triton]"')  # torch first, then the project

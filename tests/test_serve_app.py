@@ -1,0 +1,283 @@
+"""The raylm Serve app end to end on CPU: OpenAI HTTP (official client) and gRPC (generated stubs)
+against one Ray/Serve session serving a tiny llama."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import socket
+import time
+
+import grpc
+import pytest
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+from ray import serve  # noqa: E402
+
+from raylm.cluster.serve.app import GRPC_SERVICER_FUNCTIONS, build_app  # noqa: E402
+from raylm.proto import generation_pb2 as pb  # noqa: E402
+from raylm.proto import generation_pb2_grpc as pb_grpc  # noqa: E402
+
+APP = "raylm"
+METADATA = (("application", APP),)
+PROMPT = "The quick brown fox"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    model = str(tiny_model("llama"))
+    http_port, grpc_port = free_port(), free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                    grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
+        serve.run(build_app({"model": model, "dtype": "float32", "device": "cpu",
+                             "max_num_seqs": 64, "kv_cache_memory": 64 << 20}),
+                  name=APP, route_prefix="/")
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        yield {
+            "model": model,
+            "openai": openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none"),
+            "http": f"http://127.0.0.1:{http_port}",
+            "http_port": http_port,
+            "grpc_port": grpc_port,
+            "stub": pb_grpc.GenerationStub(channel),
+            "channel": channel,
+            "llm": serve.get_deployment_handle("LLMServer", app_name=APP),
+        }
+        channel.close()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _greedy(max_tokens: int = 12, **extra) -> pb.SamplingOptions:
+    return pb.SamplingOptions(temperature=0.0, max_tokens=max_tokens, **extra)
+
+
+# --- OpenAI HTTP ---------------------------------------------------------------------------
+
+def test_models_and_health(server):
+    import requests
+
+    models = server["openai"].models.list()
+    assert [m.id for m in models.data] == [server["model"]]
+    assert requests.get(server["http"] + "/health", timeout=30).status_code == 200
+
+
+def test_completion_usage_and_streaming_matches(server):
+    client = server["openai"]
+    full = client.completions.create(model=server["model"], prompt=PROMPT, max_tokens=10, temperature=0)
+    choice = full.choices[0]
+    assert choice.finish_reason == "length" and choice.text
+    assert full.usage.completion_tokens == 10
+    num_prompt = len(server["stub"].Tokenize(pb.TokenizeRequest(text=PROMPT), metadata=METADATA).token_ids)
+    assert full.usage.prompt_tokens == num_prompt
+    assert full.usage.total_tokens == num_prompt + 10
+
+    chunks = list(client.completions.create(model=server["model"], prompt=PROMPT, max_tokens=10,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_chat_completion_and_stream(server):
+    client = server["openai"]
+    messages = [{"role": "user", "content": "Say hello"}]
+    full = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=8,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    msg = full.choices[0].message
+    assert msg.role == "assistant" and msg.content
+    assert len(full.choices[0].logprobs.content) == full.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 for t in full.choices[0].logprobs.content)
+    stream = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=8,
+                                            temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == msg.content
+
+
+def test_n_and_stop(server):
+    client = server["openai"]
+    out = client.completions.create(model=server["model"], prompt=PROMPT, max_tokens=6, n=2,
+                                    temperature=1.0, seed=7,
+                                    extra_body={"top_k": 20, "ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1]
+    assert all(c.finish_reason == "length" for c in out.choices)
+    assert out.usage.completion_tokens == 12
+
+    greedy = client.completions.create(model=server["model"], prompt=PROMPT, max_tokens=12, temperature=0)
+    stop = greedy.choices[0].text[3:8]
+    cut = client.completions.create(model=server["model"], prompt=PROMPT, max_tokens=12,
+                                    temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert stop not in cut.choices[0].text
+    assert greedy.choices[0].text.startswith(cut.choices[0].text)
+
+
+def test_http_errors_use_openai_format(server):
+    client = server["openai"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=server["model"], prompt=PROMPT, max_tokens=4, top_p=5.0)
+    assert info.value.body["param"] == "top_p" and info.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=4)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=server["model"], prompt="word " * 5000, max_tokens=4)
+    assert "prompt" in str(info.value)
+    # and the server keeps serving
+    assert client.completions.create(model=server["model"], prompt=PROMPT, max_tokens=2).choices
+
+
+# --- gRPC ----------------------------------------------------------------------------------
+
+def test_grpc_unary_and_stream_agree_with_offline_llm(server):
+    from raylm.cluster import LLM, SamplingParams
+
+    stub = server["stub"]
+    unary = stub.Generate(pb.GenerateRequest(prompt=PROMPT, sampling=_greedy(12)), metadata=METADATA)
+    streamed = list(stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, sampling=_greedy(12)),
+                                        metadata=METADATA))
+    assert streamed[-1].finished and streamed[-1].usage.completion_tokens == 12
+    assert [t for m in streamed for c in m.choices for t in c.token_ids] == list(unary.choices[0].token_ids)
+    assert "".join(c.text for m in streamed for c in m.choices) == unary.choices[0].text
+    assert streamed[-1].choices[-1].finish_reason == "length"
+
+    offline = LLM(server["model"], dtype="float32", device="cpu", kv_cache_memory=16 << 20)
+    ref = offline.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=12))[0].outputs[0]
+    assert list(unary.choices[0].token_ids) == ref.token_ids
+    assert unary.choices[0].text == ref.text
+
+
+def test_grpc_token_ids_chat_tokenize_and_model_info(server):
+    stub = server["stub"]
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=METADATA)
+    assert info.model == server["model"] and info.max_model_len > 0 and info.has_chat_template
+    ids = stub.Tokenize(pb.TokenizeRequest(text=PROMPT), metadata=METADATA).token_ids
+    by_text = stub.Generate(pb.GenerateRequest(prompt=PROMPT, sampling=_greedy(6)), metadata=METADATA)
+    by_ids = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=_greedy(6)),
+                           metadata=METADATA)
+    assert by_ids.choices[0].token_ids == by_text.choices[0].token_ids
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")])
+    out = stub.Generate(pb.GenerateRequest(chat=chat, sampling=_greedy(5, logprobs=3)), metadata=METADATA)
+    assert len(out.choices[0].token_ids) == 5
+    assert all(len(p.top) == 3 for p in out.choices[0].logprobs)
+    chat_ids = stub.Tokenize(pb.TokenizeRequest(chat=chat), metadata=METADATA).token_ids
+    assert out.usage.prompt_tokens == len(chat_ids)
+
+
+@pytest.mark.parametrize("request_", [
+    pb.GenerateRequest(prompt=PROMPT, sampling=pb.SamplingOptions(temperature=-1.0)),
+    pb.GenerateRequest(prompt=PROMPT, sampling=pb.SamplingOptions(top_p=0.0)),
+    pb.GenerateRequest(sampling=pb.SamplingOptions(max_tokens=3)),  # no input
+    pb.GenerateRequest(token_ids=pb.TokenIds(ids=[10 ** 7])),
+    pb.GenerateRequest(prompt="word " * 5000),  # longer than the context
+], ids=["temperature", "top_p", "no-input", "bad-token-id", "too-long"])
+def test_grpc_invalid_argument(server, request_):
+    stub = server["stub"]
+    for call in (stub.Generate, lambda r, metadata: list(stub.GenerateStream(r, metadata=metadata))):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request_, metadata=METADATA)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    ok = stub.Generate(pb.GenerateRequest(prompt=PROMPT, sampling=_greedy(2)), metadata=METADATA)
+    assert len(ok.choices[0].token_ids) == 2
+
+
+def test_grpc_unknown_model_is_not_found(server):
+    with pytest.raises(grpc.RpcError) as info:
+        server["stub"].Generate(pb.GenerateRequest(prompt=PROMPT, model="other"), metadata=METADATA)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_service(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(server["channel"])
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = [s.name for r in responses for s in r.list_services_response.service]
+    assert "raylm.v1.Generation" in names
+
+
+def _idle(llm) -> bool:
+    stats = llm.get_stats.remote().result()
+    return stats["num_running"] == 0 and stats["num_waiting"] == 0 and \
+        stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+def test_cancelled_stream_frees_its_blocks(server):
+    request = pb.GenerateRequest(prompt=PROMPT, sampling=_greedy(3000, ignore_eos=True))
+    call = server["stub"].GenerateStream(request, metadata=METADATA)
+    for _, _msg in zip(range(3), call):
+        pass
+    stats = server["llm"].get_stats.remote().result()
+    assert stats["num_running"] == 1 and stats["num_free_blocks"] < stats["num_total_blocks"]
+    call.cancel()
+    assert wait_until(lambda: _idle(server["llm"]), timeout_s=30), server["llm"].get_stats.remote().result()
+
+
+def test_http_client_disconnect_frees_blocks(server):
+    import requests
+
+    body = {"model": server["model"], "prompt": PROMPT, "max_tokens": 3000, "ignore_eos": True,
+            "stream": True, "temperature": 0}
+    with requests.post(server["http"] + "/v1/completions", json=body, stream=True, timeout=30) as resp:
+        for i, _line in enumerate(resp.iter_lines()):
+            if i >= 4:
+                break
+    assert wait_until(lambda: _idle(server["llm"]), timeout_s=30), server["llm"].get_stats.remote().result()
+
+
+def test_64_concurrent_streams_complete(server):
+    stub = server["stub"]
+
+    def one(i: int) -> tuple[int, int, str]:
+        req = pb.GenerateRequest(prompt=f"{PROMPT} {i}",
+                                 sampling=pb.SamplingOptions(max_tokens=8 + i % 5, ignore_eos=True,
+                                                             temperature=0.8, seed=i))
+        msgs = list(stub.GenerateStream(req, metadata=METADATA))
+        return sum(len(c.token_ids) for m in msgs for c in m.choices), msgs[-1].usage.completion_tokens, \
+            msgs[-1].choices[-1].finish_reason
+
+    with cf.ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(one, range(64)))
+    for i, (streamed, usage, reason) in enumerate(results):
+        assert streamed == usage == 8 + i % 5 and reason == "length"
+    assert wait_until(lambda: _idle(server["llm"]), timeout_s=30)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_bench_serve_reports_latencies(server, protocol, tmp_path):
+    import argparse
+    import json
+
+    from raylm.cluster.bench import serve as bench_serve
+
+    parser = argparse.ArgumentParser()
+    bench_serve.add_arguments(parser)
+    out = tmp_path / "serve.json"
+    args = parser.parse_args(["--protocol", protocol, "--http-port", str(server["http_port"]),
+                              "--grpc-port", str(server["grpc_port"]),
+                              "--concurrency", "1,4", "--num-requests", "8", "--output-len", "6",
+                              "--out", str(out)])
+    assert bench_serve.run(args) == 0
+    result = json.loads(out.read_text())
+    assert [lv["load"] for lv in result["levels"]] == [1, 4]
+    for level in result["levels"]:
+        assert level["num_errors"] == 0
+        assert level["output_token_throughput"] > 0
+        assert level["ttft_s"]["p50"] <= level["e2e_s"]["p99"]
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -1,0 +1,114 @@
+"""`raylm serve` as a user runs it: a subprocess that starts Ray + Serve, answers over HTTP and
+gRPC, and exits 0 on SIGINT."""
+from __future__ import annotations
+
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str]) -> tuple[subprocess.Popen, queue.Queue]:
+    proc = subprocess.Popen([sys.executable, "-m", "raylm.cluster.cli", "serve", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True).start()
+    return proc, lines
+
+
+def _wait_for(lines: queue.Queue, needle: str, timeout_s: float) -> list[str]:
+    seen, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        seen.append(line)
+        if needle in line:
+            return seen
+    raise AssertionError(f"{needle!r} not printed within {timeout_s}s; output:\n{''.join(seen)}")
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def _check_serving(model: str, http_port: int, grpc_port: int) -> None:
+    import grpc
+    import openai
+
+    from raylm.proto import generation_pb2 as pb
+    from raylm.proto import generation_pb2_grpc as pb_grpc
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none")
+    out = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0)
+    assert out.usage.completion_tokens == 4
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        reply = pb_grpc.GenerationStub(channel).Generate(
+            pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingOptions(max_tokens=4, temperature=0)),
+            metadata=(("application", "raylm"),))
+    assert list(reply.choices[0].token_ids) and reply.choices[0].text == out.choices[0].text
+
+
+def test_serve_starts_answers_and_exits_on_sigint(tiny_model):
+    model = str(tiny_model("llama"))
+    http_port, grpc_port = _free_port(), _free_port()
+    proc, lines = _start(["--model", model, "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+                          "--num-cpus", "2", "--dtype", "float32", "--device", "cpu",
+                          "--kv-cache-memory", str(32 << 20), "--max-num-seqs", "8"])
+    try:
+        output = _wait_for(lines, "Press Ctrl+C", timeout_s=240)
+        assert any(model in line for line in output)
+        assert any(f":{grpc_port}" in line for line in output)
+        _check_serving(model, http_port, grpc_port)
+    finally:
+        rc = _stop(proc)
+    assert rc == 0
+
+
+def test_serve_runs_a_config_file(tiny_model, tmp_path):
+    """`--config` runs deploy/serve_config.yaml (here with the tiny model and free ports)."""
+    model = str(tiny_model("llama"))
+    config = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+    http_port, grpc_port = _free_port(), _free_port()
+    config["http_options"].update(host="127.0.0.1", port=http_port)
+    config["grpc_options"]["port"] = grpc_port
+    config["applications"][0]["args"].update(model=model, kv_cache_memory=32 << 20, max_replicas=1)
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc, lines = _start(["--config", str(path), "--num-cpus", "2"])
+    try:
+        _wait_for(lines, "Press Ctrl+C", timeout_s=240)
+        _check_serving(model, http_port, grpc_port)
+    finally:
+        rc = _stop(proc)
+    assert rc == 0
+
+
+@pytest.mark.parametrize("flags, field", [(["--tp", "2"], "--tp"),
+                                          (["--config", "/no/such.yaml"], "--config")])
+def test_bad_flags_fail_before_starting_ray(flags, field):
+    proc = subprocess.run([sys.executable, "-m", "raylm.cluster.cli", "serve", *flags],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert field in proc.stderr
