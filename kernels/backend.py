@@ -51,17 +51,46 @@ class TorchBackend:
             v_cache[dst] = v_cache[src]
 
 
+class CpuBackend(TorchBackend):
+    """The CPU path: the reference ops, with fp32 attention read in place by a compiled op
+    (kernels/attention_cpu.py) instead of gathered copies; anything else falls back."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        from raylm.kernels import attention_cpu
+
+        self._ops = attention_cpu
+        self._available = attention_cpu.load_extension() is not None
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        if not self._available:
+            super().prepare(meta)
+
+    def attention(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        if self._available and self._ops.supports(query, k_cache):
+            return self._ops.paged_attention_cpu(query, k_cache, v_cache, meta, scale)
+        return paged_attention_ref(query, k_cache, v_cache, meta, scale)
+
+
+BACKENDS = ("torch", "cpu", "triton")
+
+
 def backend_name_for(device: torch.device) -> str:
+    """CUDA -> triton, CPU -> cpu; ``RAYLM_ATTENTION_BACKEND`` overrides (torch = the pure
+    reference everywhere)."""
     name = os.environ.get(BACKEND_ENV, "").strip().lower()
     if name:
-        if name not in ("torch", "triton"):
-            raise ValueError(f"{BACKEND_ENV} must be 'torch' or 'triton', got {name!r}")
+        if name not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {name!r}")
         return name
-    return "triton" if torch.device(device).type == "cuda" else "torch"
+    return "triton" if torch.device(device).type == "cuda" else "cpu"
 
 
 def get_backend(device: torch.device | str) -> TorchBackend:
     name = backend_name_for(torch.device(device))
+    if name == "cpu":
+        return CpuBackend()
     if name == "triton":
         if (torch.device(device).type != "cuda" and "triton.language" in sys.modules
                 and os.environ.get("TRITON_INTERPRET") != "1"):

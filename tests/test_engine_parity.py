@@ -32,6 +32,15 @@ def test_greedy_matches_hf(tiny_model, arch):
     _check(llm, path, prompts)
 
 
+def test_torch_reference_backend_matches_hf(tiny_model, monkeypatch):
+    monkeypatch.setenv("RAYLM_ATTENTION_BACKEND", "torch")  # the pure-torch oracle path
+    path = tiny_model("qwen3")
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=64)
+    assert llm.model_runner.backend.name == "torch"
+    prompts = random_prompts(llm.engine.vocab_size, [1, 17, 90, 130], seed=7)
+    _check(llm, path, prompts)
+
+
 def test_chunked_prefill_matches_hf(tiny_model):
     path = tiny_model("llama")
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=24)
