@@ -48,6 +48,15 @@ class Decoder(abc.ABC):
     def wants_hidden_states(self, seq: Sequence) -> bool:
         return False
 
+    def wants_prompt_hidden_states(self, seq: Sequence) -> bool:
+        """Whether the hidden states of every prompt token fed come to on_prompt_hidden_states."""
+        return False
+
+    def on_prompt_hidden_states(self, seq: Sequence, first_pos: int,
+                                hidden: "torch.Tensor") -> None:
+        """Final hidden states [num_rows, hidden] of prompt positions first_pos, first_pos + 1, ...
+        computed this step (only called when wants_prompt_hidden_states)."""
+
     def is_greedy_row(self, seq: Sequence) -> bool:
         """Rows whose token the decoder picks itself run greedy (no randomness spent)."""
         return False

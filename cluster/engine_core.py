@@ -12,7 +12,7 @@ from raylm.cluster.config import EngineConfig
 from raylm.cluster.errors import QueueFullError
 from raylm.cluster.decoding import Logprobs, make_decoder
 from raylm.cluster.executor import InProcessExecutor
-from raylm.cluster.input_builder import SampleGroup, build_model_input
+from raylm.cluster.input_builder import SampleGroup, build_model_input, prompt_hidden_spans
 from raylm.cluster.kv_cache_manager import KVCacheManager
 from raylm.cluster.output_builder import make_request_output
 from raylm.cluster.outputs import RequestOutput
@@ -84,6 +84,9 @@ class EngineCore:
         request = Request(request_id, text, token_ids, params, priority=priority,
                           eos_token_ids=self.eos_token_ids)
         request.decoder = make_decoder(request)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
+            request.cache_salt = request_id  # cached positions would have no logits
         return request
 
     def add_request(self, request: Request) -> None:
@@ -116,15 +119,34 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        inp, groups = build_model_input(sched, self.kv.block_size)
+        inp, groups, prompt_seqs = build_model_input(sched, self.kv.block_size)
         out = self.executor.execute(inp)
+        if out.prompt_logprobs:
+            for seq, (start, *_), rows in zip(prompt_seqs, inp.prompt_logprob_rows,
+                                              out.prompt_logprobs):
+                self._record_prompt_logprobs(seq, inp.positions[start], rows)
         return self._update(sched, groups, out, emit_deltas)
+
+    @staticmethod
+    def _record_prompt_logprobs(seq: Sequence, first_pos: int, rows) -> None:
+        """Row i predicts prompt token first_pos + 1 + i; entry 0 (no context) stays None.
+        A preempted sequence recomputes its prompt: positions already recorded are kept."""
+        record = seq.request.prompt_logprobs
+        for i, (ids, values) in enumerate(rows):
+            if first_pos + 1 + i == len(record):
+                record.append(dict(zip(ids, values)))
 
     def _update(self, sched: SchedulerOutput, groups: list[SampleGroup], out,
                 emit_deltas: bool) -> list[RequestOutput]:
         now = time.monotonic()
         for s in sched.scheduled:
             self.kv.cache_full_blocks(s.seq)
+        if out.token_hidden_states is not None:
+            first = 0
+            for span in prompt_hidden_spans(sched):
+                span.seq.request.decoder.on_prompt_hidden_states(
+                    span.seq, span.first_pos, out.token_hidden_states[first:first + span.num_rows])
+                first += span.num_rows
         touched: dict[str, Request] = {}
         for g in groups:
             seq, request = g.seq, g.seq.request

@@ -17,6 +17,28 @@ class SampleGroup:
     num_rows: int
 
 
+@dataclass
+class HiddenSpan:
+    """Prompt rows of one sequence whose hidden states its decoder wants: positions
+    [first_pos, first_pos + num_rows) are token rows [first_row, first_row + num_rows)."""
+
+    seq: Sequence
+    first_pos: int
+    first_row: int
+    num_rows: int
+
+
+def prompt_hidden_spans(sched: SchedulerOutput) -> list[HiddenSpan]:
+    """In step order; ModelOutput.token_hidden_states holds their rows one span after another."""
+    spans, row = [], 0
+    for s in sched.scheduled:
+        end = min(s.start_pos + s.num_new_tokens, s.seq.num_prompt_tokens)
+        if end > s.start_pos and s.seq.request.decoder.wants_prompt_hidden_states(s.seq):
+            spans.append(HiddenSpan(s.seq, s.start_pos, row, end - s.start_pos))
+        row += s.num_new_tokens
+    return spans
+
+
 def _banned_ids(seq: Sequence, step: int) -> list[int]:
     """Before min_tokens, the tokens that would end the sequence cannot be sampled (as HF)."""
     p = seq.request.params
@@ -61,13 +83,16 @@ def build_sampling_metadata(groups: list[SampleGroup]) -> SamplingMetadata:
 
 
 def build_model_input(sched: SchedulerOutput, block_size: int
-                      ) -> tuple[ModelInput, list[SampleGroup]]:
-    """Returns the step's ModelInput and, per sequence that samples, its rows of the logits."""
+                      ) -> tuple[ModelInput, list[SampleGroup], list[Sequence]]:
+    """Returns the step's ModelInput, per sequence that samples its rows of the logits, and the
+    sequences of ModelInput.prompt_logprob_rows in order."""
     input_ids: list[int] = []
     positions: list[int] = []
     slot_mapping: list[int] = []
     query_lens, seq_lens, block_tables, logits_indices = [], [], [], []
     groups: list[SampleGroup] = []
+    prompt_rows: list[tuple[int, int, int, list[int]]] = []
+    prompt_seqs: list[Sequence] = []
     want_hidden = False
     for s in sched.scheduled:
         seq, start, n = s.seq, s.start_pos, s.num_new_tokens
@@ -81,6 +106,12 @@ def build_model_input(sched: SchedulerOutput, block_size: int
             pos = range(start, end)
             positions.extend(pos)
             slot_mapping.extend([blocks[p // block_size] * block_size + p % block_size for p in pos])
+        top_n = seq.request.params.prompt_logprobs
+        last = min(end, seq.num_prompt_tokens - 1)  # rows predicting a prompt token
+        if top_n is not None and start < last:
+            first_row = len(input_ids) - n
+            prompt_rows.append((first_row, last - start, top_n, seq.token_ids[start + 1 : last + 1]))
+            prompt_seqs.append(seq)
         query_lens.append(n)
         seq_lens.append(end)
         block_tables.append(blocks)
@@ -101,5 +132,8 @@ def build_model_input(sched: SchedulerOutput, block_size: int
         sampling=build_sampling_metadata(groups),
         copy_blocks=list(sched.copy_blocks),
         return_hidden_states=want_hidden,
+        hidden_state_rows=[sp.first_row + i for sp in prompt_hidden_spans(sched)
+                           for i in range(sp.num_rows)],
+        prompt_logprob_rows=prompt_rows,
     )
-    return inp, groups
+    return inp, groups, prompt_seqs

@@ -41,7 +41,7 @@ class KVCacheManager:
     def _key(self, seq: Sequence, index: int, parent: BlockKey | None) -> BlockKey:
         start = index * self.block_size
         tokens = tuple(seq.token_ids[start : start + self.block_size])
-        salt = getattr(seq.request, "cache_salt", None) if parent is None else None
+        salt = seq.request.cache_salt if parent is None else None
         return (hash(parent) if parent is not None else None, tokens, salt)
 
     def _keys_of(self, seq: Sequence, num_full_blocks: int) -> list[BlockKey]:

@@ -7,7 +7,8 @@ from raylm.cluster.request import Request
 
 def make_request_output(request: Request, final: bool) -> RequestOutput:
     completions = []
-    for seq in sorted(request.seqs, key=lambda s: s.index):
+    # A negative index marks a decoder's working sequence (contrastive candidates), no output.
+    for seq in sorted((s for s in request.seqs if s.index >= 0), key=lambda s: s.index):
         text = seq.detokenizer.output_text if seq.detokenizer is not None else ""
         tokens = seq.output_token_ids
         want_logprobs = request.params.logprobs is not None
@@ -15,7 +16,9 @@ def make_request_output(request: Request, final: bool) -> RequestOutput:
             index=seq.index,
             text=text,
             token_ids=tokens,
-            cumulative_logprob=seq.cumulative_logprob if want_logprobs else None,
+            # A beam's score is its meaning, so beam search always reports it.
+            cumulative_logprob=(seq.cumulative_logprob
+                                if want_logprobs or request.params.num_beams > 1 else None),
             logprobs=list(seq.output_logprobs) if want_logprobs else None,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
@@ -38,6 +41,7 @@ def make_request_output(request: Request, final: bool) -> RequestOutput:
         prompt_token_ids=request.prompt_token_ids,
         outputs=completions,
         finished=final and request.is_finished,
+        prompt_logprobs=request.prompt_logprobs,
         num_cached_tokens=max((s.num_cached_tokens for s in request.seqs), default=0),
         metrics=metrics,
     )

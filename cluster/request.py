@@ -94,6 +94,7 @@ class Request:
         self.aborted = False
         self.decoder: Any = None  # a cluster.decoding.Decoder, set by the engine
         self.cache_salt: str | None = None  # isolates this request's prefix-cache entries
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None  # when asked
 
     @property
     def is_finished(self) -> bool:

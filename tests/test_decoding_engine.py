@@ -128,3 +128,20 @@ def test_streaming_never_leaks_stop_text(tiny_model):
         asyncio.run(main())
     finally:
         eng.shutdown()
+
+
+def test_prompt_logprobs_match_hf_across_prefill_chunks(tiny_model):
+    path = tiny_model("llama")
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=16)  # 3 prefill chunks
+    (prompt,) = random_prompts(llm.engine.vocab_size, [40], seed=14)
+    out = llm.generate([prompt, prompt], SamplingParams(temperature=0, max_tokens=2,
+                                                        prompt_logprobs=3))[0]
+    assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf_model(str(path))(torch.tensor([prompt])).logits[0], -1)
+    for pos in range(1, len(prompt)):
+        entry = out.prompt_logprobs[pos]
+        assert entry[prompt[pos]] == pytest.approx(ref[pos - 1, prompt[pos]].item(), abs=1e-4)
+        for t in ref[pos - 1].topk(3).indices.tolist():
+            assert entry[t] == pytest.approx(ref[pos - 1, t].item(), abs=1e-4)
+    _assert_clean(llm)

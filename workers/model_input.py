@@ -60,6 +60,11 @@ class ModelInput:
     sampling: SamplingMetadata  # one entry per logits index
     copy_blocks: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) before forward
     return_hidden_states: bool = False  # return the final normed hidden state of sampled rows
+    # Prompt logprobs: (first token row, num rows, top-N, the prompt token each row predicts).
+    prompt_logprob_rows: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
+    # Token rows (into input_ids) whose final normed hidden states come back as
+    # ModelOutput.token_hidden_states, whether or not they sample (contrastive search's prompt).
+    hidden_state_rows: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -79,3 +84,6 @@ class ModelOutput:
     # then the top-N; None for rows that did not ask.
     logprobs: list[tuple[list[int], list[float]] | None] | None = None
     hidden_states: object | None = None  # torch.Tensor [num_sampled, hidden] when asked
+    # Per prompt_logprob_rows entry, per row: (ids, logprobs), the actual next prompt token first.
+    prompt_logprobs: list[list[tuple[list[int], list[float]]]] | None = None
+    token_hidden_states: object | None = None  # torch.Tensor [len(hidden_state_rows), hidden]

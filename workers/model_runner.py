@@ -113,19 +113,46 @@ class ModelRunner:
         meta = self._attention_metadata(inp)
         ids, pos = self._token_tensors(inp)
         hidden = self.model(ids, pos, self.kv_caches, meta)  # [num_tokens, hidden]
+        out = ModelOutput(sampled_token_ids=[])
+        if inp.hidden_state_rows:
+            token_rows = torch.tensor(inp.hidden_state_rows, dtype=torch.long, device=self.device)
+            out.token_hidden_states = hidden.index_select(0, token_rows)  # [num_rows, hidden]
+        if inp.prompt_logprob_rows:
+            out.prompt_logprobs = self._prompt_logprobs(hidden, inp)
         if not inp.logits_indices:
-            return ModelOutput(sampled_token_ids=[])
+            return out
         rows = torch.tensor(inp.logits_indices, dtype=torch.long, device=self.device)
         hidden = hidden.index_select(0, rows)  # [num_sampled, hidden]
         logits = self.model.compute_logits(hidden)  # [num_sampled, vocab_size]
         sampled = self.sampler(logits, inp.sampling,
                                banned_token_ids=inp.sampling.banned_token_ids)
-        out = ModelOutput(sampled_token_ids=sampled.sampled_token_ids.tolist())
+        out.sampled_token_ids = sampled.sampled_token_ids.tolist()
         if sampled.logprobs is not None:
             out.logprobs = self._logprob_lists(sampled, inp.sampling.num_logprobs)
         if inp.return_hidden_states:
             out.hidden_states = hidden
         return out
+
+    # Rows of logits materialised at once for prompt logprobs ([rows, vocab] fp32 each).
+    PROMPT_LOGPROB_CHUNK = 256
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inp: ModelInput):
+        """log_softmax of the raw logits at prompt positions: the next prompt token's + top-N."""
+        results = []
+        for first, num_rows, top_n, targets in inp.prompt_logprob_rows:
+            rows: list[tuple[list[int], list[float]]] = []
+            for c in range(0, num_rows, self.PROMPT_LOGPROB_CHUNK):
+                n = min(self.PROMPT_LOGPROB_CHUNK, num_rows - c)
+                logits = self.model.compute_logits(hidden[first + c : first + c + n])
+                logprobs = torch.log_softmax(logits, dim=-1)  # [n, vocab_size]
+                target = torch.tensor(targets[c : c + n], device=logprobs.device)
+                ids = target[:, None]
+                if top_n > 0:
+                    ids = torch.cat([ids, logprobs.topk(top_n, dim=-1).indices], dim=1)
+                values = logprobs.gather(1, ids)  # [n, 1 + top_n]
+                rows.extend(zip(ids.tolist(), values.tolist()))
+            results.append(rows)
+        return results
 
     @staticmethod
     def _logprob_lists(sampled, num_logprobs: list[int]):

@@ -12,6 +12,7 @@
 namespace {
 
 constexpr int kMaxGroup = 16;  // query heads per KV head handled in registers
+constexpr int64_t kParallelWork = 1 << 15;  // (query row, kv head, key) triples
 
 inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
@@ -106,7 +107,11 @@ torch::Tensor paged_attention_cpu(torch::Tensor query,         // [num_tokens, n
   const int64_t block_stride = k_cache.stride(0), token_stride = k_cache.stride(1);
   const int64_t q_tok = query.stride(0), q_head = query.stride(1);
   const int64_t num_tasks = num_tokens * kv_heads;
-#pragma omp parallel for schedule(dynamic, 4)
+  int64_t max_len = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) max_len = std::max<int64_t>(max_len, lens_p[s]);
+  // Small steps (batch-1 decode) run on this thread: waking the pool costs more than they do.
+  const bool parallel = num_tasks * max_len >= kParallelWork;
+#pragma omp parallel for schedule(dynamic, 4) if (parallel)
   for (int64_t task = 0; task < num_tasks; ++task) {
     const int64_t t = task / kv_heads, kvh = task % kv_heads;
     // The sequence owning query row t: last s with qsl[s] <= t.
