@@ -26,7 +26,7 @@ def load_extension():
     try:
         from torch.utils.cpp_extension import load
 
-        logger.info("building the CPU paged-attention op (first use only; cached)")
+        logger.info("loading the CPU paged-attention op (compiled on first use, then cached)")
         return load(name="raylm_paged_attention_cpu", sources=[str(_SOURCE)],
                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
                     extra_ldflags=["-fopenmp"], verbose=False)
