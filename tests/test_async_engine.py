@@ -94,3 +94,32 @@ def test_bad_params_raise_value_error_before_streaming(engine):
                 pass
     asyncio.run(main())
     engine.check_health()
+
+
+def test_queue_limit_rejects_with_queue_full_and_keeps_serving(tiny_model):
+    from raylm.cluster.errors import QueueFullError
+
+    eng = AsyncEngine(str(tiny_model("llama")), dtype="float32", max_queued_requests=1,
+                      max_num_seqs=1)
+    try:
+        async def one(i):
+            try:
+                n = 0
+                async for out in eng.generate([5 + i] * 4, SamplingParams(
+                        temperature=0, max_tokens=4, ignore_eos=True)):
+                    n += len(out.outputs[0].delta_token_ids)
+                return n
+            except QueueFullError:
+                return "rejected"
+
+        async def main():
+            return await asyncio.gather(*(one(i) for i in range(20)))
+        results = asyncio.run(main())
+        # Every request either completed in full or was told explicitly: nothing lost silently.
+        assert set(results) <= {4, "rejected"}
+        assert "rejected" in results and 4 in results
+        eng.check_health()
+        assert asyncio.run(main()).count(4) >= 1
+        eng.core.check_integrity()
+    finally:
+        eng.shutdown()
