@@ -1,0 +1,205 @@
+"""`raylm bench latency`: batch-1 decode time per token against the memory-bandwidth floor.
+
+A batch-1 decode step must read every non-embedding weight once, so it cannot be faster than
+floor = weight bytes / streaming-read bandwidth (both measured, see roofline.py). The fraction of
+the floor achieved is floor / measured time per token (1.0 = at the hardware limit).
+
+Method, the same for raylm and Hugging Face: one greedy request of `output_len` tokens; the time
+from the first output token to the last one, over the output_len - 1 decode steps between them,
+is the decode time per token (prefill excluded); the time to the first token is reported too.
+raylm's times are the engine's own per-request timestamps (RequestOutput.metrics); HF's come from
+a streamer that `model.generate` calls after every step. Each figure is the median of
+`--num-iters` runs after a warm-up run. HF runs with min_new_tokens = max_new_tokens (EOS
+suppressed, like ignore_eos) and its default KV cache; raylm runs with prefix caching off, so
+repeating the prompt does not skip its prefill.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from raylm.cluster.bench import report, roofline
+from raylm.cluster.bench.throughput import (
+    add_engine_arguments,
+    build_llm,
+    free_memory,
+    greedy_params,
+)
+from raylm.cluster.bench.workload import BenchRequest, load_model_info, make_requests
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--num-iters", type=int, default=3, help="timed runs per measurement")
+    parser.add_argument("--out", default="bench_latency.json", help="JSON result path")
+
+
+@dataclass(frozen=True)
+class TokenTimes:
+    """Timestamps (seconds, one clock) of one request: submitted, first token, last token."""
+
+    start: float
+    first_token: float
+    last_token: float
+
+
+def measure_decode(
+    generate: Callable[[], TokenTimes], output_len: int, num_iters: int
+) -> dict[str, float]:
+    """Median time to first token and decode seconds per token over `num_iters` runs."""
+    generate()  # warm-up
+    runs = [generate() for _ in range(num_iters)]
+    return {
+        "ttft_s": statistics.median(t.first_token - t.start for t in runs),
+        "decode_s_per_token": statistics.median(
+            (t.last_token - t.first_token) / (output_len - 1) for t in runs
+        ),
+    }
+
+
+def _raylm_decode(args: argparse.Namespace, request: BenchRequest) -> dict[str, float]:
+    llm = build_llm(args, enable_prefix_caching=False, max_num_seqs=1)
+    params = greedy_params(request.output_len)
+
+    def generate() -> TokenTimes:
+        out = llm.generate([request.prompt_token_ids], params, use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == request.output_len, "ignore_eos forces the length"
+        m = out.metrics
+        if m is None or m.first_token_time is None or m.finished_time is None:
+            raise RuntimeError("the engine returned no per-request timestamps (metrics)")
+        return TokenTimes(m.arrival_time, m.first_token_time, m.last_token_time or m.finished_time)
+
+    logger.info("raylm: timing batch-1 decode (%d iterations)", args.num_iters)
+    result = measure_decode(generate, request.output_len, args.num_iters)
+    del llm
+    free_memory()
+    return result
+
+
+def _step_clock() -> Any:
+    """A transformers streamer that records when generate hands out each new token: `.times`."""
+    from transformers.generation.streamers import BaseStreamer  # lazy: keeps the CLI start fast
+
+    class StepClock(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: object) -> None:  # first call: the prompt; then one per step
+            self.times.append(time.monotonic())
+
+        def end(self) -> None:
+            pass
+
+    return StepClock()
+
+
+def _hf_decode(args: argparse.Namespace, request: BenchRequest, device: str) -> dict[str, float]:
+    from raylm.cluster.bench.hf_baseline import generate_batch, load_hf_model
+
+    model = load_hf_model(args.model, args.dtype, device)
+
+    def generate() -> TokenTimes:
+        clock = _step_clock()
+        start = time.monotonic()
+        generate_batch(model, [request], device, streamer=clock)
+        assert len(clock.times) == request.output_len + 1, "one put for the prompt, one per token"
+        return TokenTimes(start, clock.times[1], clock.times[-1])
+
+    logger.info("hf: timing batch-1 decode (%d iterations)", args.num_iters)
+    result = measure_decode(generate, request.output_len, args.num_iters)
+    del model
+    free_memory()
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.output_len < 2:
+        raise ValueError(f"output_len must be >= 2 to time decode steps, got {args.output_len}")
+    if args.num_iters < 1:
+        raise ValueError(f"num_iters must be >= 1, got {args.num_iters}")
+    info = load_model_info(args.model)
+    request = make_requests(
+        info, 1, args.prompt_len, args.output_len, args.seed, fixed_lengths=True
+    )[0]
+    device = roofline.bench_device()
+    logger.info("measuring the %s memory bandwidth", device)
+    bandwidth = roofline.memory_bandwidth(device)
+    counts = roofline.count_params(args.model)
+    weight_bytes = counts.decode_weight_bytes(args.dtype)
+    floor_s = weight_bytes / bandwidth
+
+    measured = {"raylm": _raylm_decode(args, request)}
+    if args.baseline == "hf":
+        measured["hf"] = _hf_decode(args, request, device)
+    results: dict[str, dict[str, float]] = {}
+    for name, m in measured.items():
+        results[name] = m | {
+            "ms_per_token": 1e3 * m["decode_s_per_token"],
+            "tokens_per_s": 1.0 / m["decode_s_per_token"],
+            "fraction_of_memory_floor": floor_s / m["decode_s_per_token"],
+        }
+    data: dict[str, Any] = {
+        "command": "latency",
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": device,
+        "prompt_len": args.prompt_len,
+        "output_len": args.output_len,
+        "num_iters": args.num_iters,
+        "params": counts.as_dict(),
+        "roofline": {
+            "memory_bandwidth_bytes_per_s": bandwidth,
+            "decode_weight_bytes": weight_bytes,
+            "floor_ms_per_token": 1e3 * floor_s,
+            "bytes_definition": roofline.BYTES_DEFINITION,
+        },
+        "results": results,
+        "decode_speed_ratio": (
+            results["hf"]["decode_s_per_token"] / results["raylm"]["decode_s_per_token"]
+            if "hf" in results else None
+        ),
+    }
+    _print_summary(data)
+    out = report.write_json(args.out, data)
+    if not args.no_png:
+        report.bar_chart(
+            report.png_path_for(out),
+            f"raylm bench latency, batch 1 ({device}, {args.dtype})",
+            [
+                ("decode ms/token", {k: v["ms_per_token"] for k, v in results.items()}
+                 | {"floor": 1e3 * floor_s}),
+                ("fraction of memory floor",
+                 {k: v["fraction_of_memory_floor"] for k, v in results.items()}),
+            ],
+        )
+    return 0
+
+
+def _print_summary(data: dict[str, Any]) -> None:
+    roof = data["roofline"]
+    rows = [
+        (name, r["ms_per_token"], r["tokens_per_s"], 1e3 * r["ttft_s"],
+         f"{100 * r['fraction_of_memory_floor']:.1f}%")
+        for name, r in data["results"].items()
+    ]
+    print(f"\nbatch-1 latency: {data['model']} ({data['dtype']}, {data['device']}), prompt "
+          f"{data['prompt_len']} tokens, {data['output_len']} output tokens")
+    print(report.format_table(
+        ("system", "decode ms/token", "tokens/s", "TTFT ms", "of floor"), rows))
+    if data["decode_speed_ratio"] is not None:
+        print(f"raylm decode speed / hf: {data['decode_speed_ratio']:.2f}x")
+    print(f"memory floor: {roof['floor_ms_per_token']:.3f} ms/token = "
+          f"{roof['decode_weight_bytes'] / 1e6:.1f} MB of weights at "
+          f"{roof['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s measured")
+    print(f"definition: {roofline.BYTES_DEFINITION}\n")

@@ -1,0 +1,174 @@
+"""The hardware roofline (matmul FLOP/s, streaming memory bandwidth) and the model's cost per token.
+
+Benchmarks judge a result against what the machine can do, not against a feeling (STYLE.md):
+prefill-heavy throughput against the matmul FLOP/s, batch-1 decode against the time it takes to
+stream the weights once from memory. Both hardware figures are measured here, on this machine, in
+this process, best of several runs (the least disturbed one), and cached for the process.
+
+Model cost definitions (printed by the commands):
+- parameters are split into the input embedding (a gather, no FLOPs), the LM head (vocab x hidden,
+  applied only to the rows that are sampled: one per output token) and the body (everything else).
+  non-embedding parameters = total - input embedding = body + LM head, counting a tied LM head.
+- useful FLOPs = 2 * body * (prompt + output tokens) + 2 * lm_head * output tokens.
+  Attention score FLOPs (QK^T, PV) are not counted: they are small at these lengths and depend on
+  the kernel; so the fraction slightly understates the work done.
+- decode weight bytes = (body + LM head) * bytes per element: what one batch-1 decode step
+  must read.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FLOPS_DEFINITION = (
+    "useful FLOPs = 2 * body_params * (prompt + output tokens) "
+    "+ 2 * lm_head_params * output tokens; "
+    "body = all parameters except the input embedding and the LM head (non-embedding params = "
+    "body + lm_head = total - input embedding); the LM head only runs on sampled rows; "
+    "attention score FLOPs not counted"
+)
+BYTES_DEFINITION = (
+    "decode floor = (body_params + lm_head_params) * bytes per element / streaming-read bandwidth: "
+    "one batch-1 decode step reads every non-embedding weight once"
+)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def bench_device() -> str:
+    """The device the benchmarks run on: the GPU when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _best_seconds(fn: Callable[[], object], device: str, repeats: int) -> float:
+    """Best wall time of `repeats` calls after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_flops(
+    device: str = "cpu",
+    dtype: str = "float32",
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+    repeats: int = 5,
+) -> float:
+    """Peak measured torch.mm FLOP/s: the best over a square 2048 GEMM and the model's MLP GEMMs.
+
+    The model shapes are a 2048-token batch through the MLP up and down projections, the GEMMs a
+    prefill step spends most time in. Uses all of torch's intra-op threads (the library default).
+    """
+    torch_dtype = resolve_dtype(dtype)
+    shapes = [(2048, 2048, 2048)]
+    if hidden_size and intermediate_size:
+        shapes += [(2048, hidden_size, intermediate_size), (2048, intermediate_size, hidden_size)]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    best = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, generator=gen).to(device=device, dtype=torch_dtype)  # [m, k]
+        b = torch.randn(k, n, generator=gen).to(device=device, dtype=torch_dtype)  # [k, n]
+        out = torch.empty(m, n, device=device, dtype=torch_dtype)  # [m, n]
+        seconds = _best_seconds(lambda: torch.mm(a, b, out=out), device, repeats)
+        best = max(best, 2.0 * m * k * n / seconds)
+    logger.info(
+        "measured %s %s matmul: %.1f GFLOP/s (%d threads)",
+        device, dtype, best / 1e9, torch.get_num_threads(),
+    )
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def memory_bandwidth(device: str = "cpu", num_bytes: int | None = None, repeats: int = 5) -> float:
+    """Measured streaming memory bandwidth in bytes/s: the best of a full-tensor sum (read only)
+    and a tensor copy (read + write bytes), on a buffer far larger than the caches."""
+    if num_bytes is None:
+        num_bytes = (1 << 30) if device == "cuda" else (256 << 20)
+    numel = num_bytes // 4
+    src = torch.ones(numel, device=device, dtype=torch.float32)  # [numel]
+    dst = torch.empty_like(src)  # [numel]
+    read_s = _best_seconds(lambda: src.sum(), device, repeats)
+    copy_s = _best_seconds(lambda: dst.copy_(src), device, repeats)
+    best = max(numel * 4 / read_s, 2 * numel * 4 / copy_s)
+    logger.info(
+        "measured %s memory bandwidth: %.1f GB/s (read %.1f, copy %.1f)",
+        device, best / 1e9, numel * 4 / read_s / 1e9, 2 * numel * 4 / copy_s / 1e9,
+    )
+    return best
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """A decoder's parameters by role (see the module docstring)."""
+
+    total: int  # distinct parameters (a tied LM head counted once, in the embedding)
+    embedding: int  # the input token embedding
+    lm_head: int  # vocab x hidden (+ bias), counted even when tied to the embedding
+    body: int  # everything else: layers, norms
+
+    @property
+    def non_embedding(self) -> int:
+        return self.body + self.lm_head
+
+    def useful_flops(self, prompt_tokens: int, output_tokens: int) -> float:
+        body_flops = 2.0 * self.body * (prompt_tokens + output_tokens)
+        return body_flops + 2.0 * self.lm_head * output_tokens
+
+    def decode_weight_bytes(self, dtype: str) -> int:
+        return self.non_embedding * resolve_dtype(dtype).itemsize
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "total": self.total,
+            "input_embedding": self.embedding,
+            "lm_head": self.lm_head,
+            "body": self.body,
+            "non_embedding": self.non_embedding,
+        }
+
+
+def count_params(model_path: str) -> ParamCounts:
+    """Count a checkpoint's parameters by role without loading weights (meta-device model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return count_module_params(model)
+
+
+def count_module_params(model: torch.nn.Module) -> ParamCounts:
+    """Split a Hugging Face causal LM's parameters into embedding, LM head and body."""
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    assert embedding is not None and head is not None, "a causal LM has an embedding and a head"
+    embed_ids = {id(p) for p in embedding.parameters()}
+    head_params = list(head.parameters())
+    total = sum(p.numel() for p in model.parameters())  # dedups tied weights
+    num_embedding = sum(p.numel() for p in embedding.parameters())
+    num_head = sum(p.numel() for p in head_params)
+    untied_head = sum(p.numel() for p in head_params if id(p) not in embed_ids)
+    body = total - num_embedding - untied_head
+    return ParamCounts(total=total, embedding=num_embedding, lm_head=num_head, body=body)

@@ -1,0 +1,159 @@
+"""`raylm bench throughput|latency` on a tiny model: they run, and write sane JSON and a chart.
+
+No timing is asserted (the machine may be shared); only that the figures exist and make sense.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from raylm.cluster.bench import latency, report, roofline, throughput
+from raylm.cluster.bench.hf_baseline import generate_batch, load_hf_model
+from raylm.cluster.bench.workload import BenchRequest, load_model_info, make_requests
+
+KV_CACHE_BYTES = str(32 << 20)  # a small pool: the tiny model needs little and it allocates fast
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model) -> str:
+    return str(tiny_model("llama"))
+
+
+def _parse(module, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_throughput_command_writes_results_for_raylm_and_hf(model_dir, tmp_path, capsys):
+    out = tmp_path / "throughput.json"
+    args = _parse(throughput, [
+        "--model", model_dir, "--num-prompts", "6", "--prompt-len", "16", "--output-len", "6",
+        "--baseline", "hf", "--hf-batch-sizes", "2,4", "--kv-cache-memory", KV_CACHE_BYTES,
+        "--out", str(out),
+    ])
+    assert throughput.run(args) == 0
+
+    data = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert set(data["results"]) == {"raylm", "hf"}
+    for result in data["results"].values():
+        assert result["num_requests"] == 6
+        assert result["output_tokens"] == data["workload"]["output_tokens"]
+        assert result["prompt_tokens"] == data["workload"]["prompt_tokens"]
+        assert result["output_tokens_per_s"] > 0
+        assert result["total_tokens_per_s"] > result["output_tokens_per_s"]
+        assert 0 < result["fraction_of_compute_roofline"] < 1.5
+    assert data["output_throughput_ratio"] > 0
+    assert data["hf"]["batch_size"] in (2, 4)
+    assert data["roofline"]["matmul_flops"] > 0
+    assert data["params"]["non_embedding"] > 0
+    printed = capsys.readouterr().out
+    assert "raylm / hf output tokens/s" in printed and "useful FLOPs" in printed
+
+
+def test_throughput_without_baseline_reports_raylm_only(model_dir, tmp_path):
+    out = tmp_path / "raylm_only.json"
+    args = _parse(throughput, [
+        "--model", model_dir, "--num-prompts", "3", "--prompt-len", "8", "--output-len", "4",
+        "--baseline", "none", "--kv-cache-memory", KV_CACHE_BYTES, "--out", str(out), "--no-png",
+    ])
+    assert throughput.run(args) == 0
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"raylm"}
+    assert data["output_throughput_ratio"] is None
+    assert not out.with_suffix(".png").exists()
+
+
+def test_latency_command_writes_decode_time_and_floor_fraction(model_dir, tmp_path, capsys):
+    out = tmp_path / "latency.json"
+    args = _parse(latency, [
+        "--model", model_dir, "--prompt-len", "8", "--output-len", "6", "--num-iters", "1",
+        "--baseline", "hf", "--kv-cache-memory", KV_CACHE_BYTES, "--out", str(out),
+    ])
+    assert latency.run(args) == 0
+
+    data = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert data["roofline"]["floor_ms_per_token"] > 0
+    assert set(data["results"]) == {"raylm", "hf"}
+    for result in data["results"].values():
+        assert result["ms_per_token"] > 0
+        assert 0 < result["fraction_of_memory_floor"] < 1.5
+    assert data["decode_speed_ratio"] > 0
+    assert "ms/token" in capsys.readouterr().out
+
+
+def test_latency_rejects_a_single_output_token(model_dir):
+    args = _parse(latency, ["--model", model_dir, "--output-len", "1"])
+    with pytest.raises(ValueError, match="output_len"):
+        latency.run(args)
+
+
+def test_workload_is_reproducible_and_free_of_special_tokens(model_dir):
+    info = load_model_info(model_dir)
+    first = make_requests(info, 400, 40, 20, seed=7)
+    assert first == make_requests(info, 400, 40, 20, seed=7)
+    assert first != make_requests(info, 400, 40, 20, seed=8)
+
+    from transformers import AutoTokenizer
+
+    special = set(AutoTokenizer.from_pretrained(model_dir).all_special_ids)
+    ids = np.concatenate([r.prompt_token_ids for r in first])
+    assert not special & set(ids.tolist())
+    assert set(ids.tolist()) <= set(info.allowed_token_ids.tolist())
+    # Lognormal lengths: the requested means, a spread, and always inside the context window.
+    assert np.mean([r.prompt_len for r in first]) == pytest.approx(40, rel=0.1)
+    assert np.mean([r.output_len for r in first]) == pytest.approx(20, rel=0.1)
+    assert len({r.prompt_len for r in first}) > 10
+    assert all(r.prompt_len + r.output_len <= info.max_model_len for r in first)
+
+
+def test_workload_fixed_lengths_and_input_validation(model_dir):
+    info = load_model_info(model_dir)
+    requests = make_requests(info, 5, 12, 3, fixed_lengths=True)
+    assert [(r.prompt_len, r.output_len) for r in requests] == [(12, 3)] * 5
+    with pytest.raises(ValueError, match="num_prompts"):
+        make_requests(info, 0, 12, 3)
+    with pytest.raises(ValueError, match="prompt_len"):
+        make_requests(info, 1, info.max_model_len, 3)
+
+
+def test_hf_batch_returns_exactly_each_requests_own_output_length(model_dir):
+    model = load_hf_model(model_dir, "float32", "cpu")
+    info = load_model_info(model_dir)
+    prompts = make_requests(info, 3, 10, 5, seed=1)
+    batch = [BenchRequest(p.prompt_token_ids, n) for p, n in zip(prompts, (2, 7, 4))]
+    outputs = generate_batch(model, batch, "cpu")
+    assert [len(o) for o in outputs] == [2, 7, 4]
+
+
+def test_param_counts_split_the_model_by_role(model_dir):
+    counts = roofline.count_params(model_dir)
+    assert counts.embedding > 0 and counts.lm_head > 0 and counts.body > 0
+    assert counts.non_embedding == counts.body + counts.lm_head
+    tied = counts.total == counts.embedding + counts.body
+    assert tied or counts.total == counts.embedding + counts.body + counts.lm_head
+    # FLOPs: the body runs on every token, the LM head only on sampled (output) tokens.
+    assert counts.useful_flops(10, 0) == 2 * counts.body * 10
+    assert counts.useful_flops(0, 1) == 2 * (counts.body + counts.lm_head)
+    assert counts.decode_weight_bytes("bfloat16") * 2 == counts.decode_weight_bytes("float32")
+
+
+def test_roofline_measures_positive_hardware_figures():
+    assert roofline.matmul_flops("cpu", "float32") > 0
+    assert roofline.memory_bandwidth("cpu", num_bytes=16 << 20) > 0
+    with pytest.raises(ValueError, match="dtype"):
+        roofline.resolve_dtype("int3")
+
+
+def test_format_table_aligns_columns_and_checks_row_width():
+    text = report.format_table(("system", "tok/s"), [("raylm", 1234.5678), ("hf", 12.0)])
+    lines = text.splitlines()
+    assert len({len(line) for line in lines}) == 1
+    assert "1235" in text
+    with pytest.raises(ValueError):
+        report.format_table(("a", "b"), [("only one",)])
