@@ -1,38 +1,15 @@
-"""Paged attention on CPU without the gather copy: a small C++/OpenMP op built on first use.
+"""Paged attention on CPU without the gather copy (kernels/csrc/paged_attention_cpu.cpp).
 
 Decode attention is memory bound; the torch reference copies every sequence's K/V out of its
 blocks before attending (three passes over the KV bytes), this op reads them once in place.
-It is built with torch's cpp_extension the first time it is needed (cached afterwards) and
-falls back to the reference when no compiler is available. fp32 only; other dtypes and the
-oracle use kernels/attention_ref.py.
+fp32 only; other dtypes and the oracle use kernels/attention_ref.py.
 """
 from __future__ import annotations
 
-import functools
-import logging
-import pathlib
-
 import torch
 
+from raylm.kernels.cpu_ops import load_extension
 from raylm.kernels.metadata import AttentionMetadata
-
-logger = logging.getLogger(__name__)
-_SOURCE = pathlib.Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"
-
-
-@functools.lru_cache(maxsize=1)
-def load_extension():
-    """The compiled module, or None when it cannot be built here (logged once)."""
-    try:
-        from torch.utils.cpp_extension import load
-
-        logger.info("loading the CPU paged-attention op (compiled on first use, then cached)")
-        return load(name="raylm_paged_attention_cpu", sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # noqa: BLE001 - any build failure means: use the reference
-        logger.warning("CPU paged-attention op unavailable (%s); using the torch reference", e)
-        return None
 
 
 def supports(query: torch.Tensor, k_cache: torch.Tensor) -> bool:

@@ -59,9 +59,10 @@ class CpuBackend(TorchBackend):
 
     def __init__(self) -> None:
         from raylm.kernels import attention_cpu
+        from raylm.kernels.cpu_ops import load_extension
 
         self._ops = attention_cpu
-        self._available = attention_cpu.load_extension() is not None
+        self._available = load_extension() is not None
 
     def prepare(self, meta: AttentionMetadata) -> None:
         if not self._available:

@@ -126,6 +126,3 @@ torch::Tensor paged_attention_cpu(torch::Tensor query,         // [num_tokens, n
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention_cpu", &paged_attention_cpu, "paged attention, mixed batch, CPU fp32");
-}

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from raylm.kernels.linear import linear
+
 from raylm.workers.layers.parallel import SINGLE_DEVICE, TPGroup, make_param
 
 
@@ -48,7 +50,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """logits = h E^T over the (sharded) vocabulary; every rank ends with the full row."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_rows, vocab_size] float32
-        logits = F.linear(hidden, self.weight)  # [num_rows, vocab_size / tp (padded)]
+        logits = linear(hidden, self.weight)  # [num_rows, vocab_size / tp (padded)]
         if self.tp.size > 1:
             logits = self.tp.all_gather_last_dim(logits)[:, : self.vocab_size]
         return logits.float()

@@ -8,7 +8,8 @@ checkpoint tensor, so sharding happens while loading.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from raylm.kernels.linear import linear
 
 from raylm.workers.layers.parallel import SINGLE_DEVICE, TPGroup, divide, make_param
 
@@ -33,7 +34,7 @@ class ColumnParallelLinear(torch.nn.Module):
         _copy(param.data, loaded_weight.narrow(0, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, out / tp]
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -118,8 +119,8 @@ class RowParallelLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, output_size]
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias)
+        out = self.tp.all_reduce(linear(x, self.weight))
         # The bias is added once, after the reduction, not once per rank.
         return out if self.bias is None else out + self.bias
 

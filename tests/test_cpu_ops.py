@@ -1,10 +1,13 @@
-"""The compiled CPU attention op equals the torch reference on ragged, mixed, paged batches."""
+"""The compiled CPU ops equal their torch references: paged attention on ragged, mixed, paged
+batches; the few-row streaming linear."""
 import itertools
 
 import pytest
 import torch
 
-from raylm.kernels.attention_cpu import load_extension, paged_attention_cpu
+from raylm.kernels.attention_cpu import paged_attention_cpu
+from raylm.kernels.cpu_ops import load_extension
+from raylm.kernels.linear import linear
 from raylm.kernels.attention_ref import paged_attention_ref
 from raylm.kernels.metadata import AttentionMetadata
 
@@ -56,3 +59,18 @@ def test_strided_query_view():
     torch.testing.assert_close(paged_attention_cpu(view, k_cache, v_cache, meta, 0.125),
                                paged_attention_ref(query, k_cache, v_cache, meta, 0.125),
                                atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_torch(rows, with_bias):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=g)
+    w = torch.randn(200, 96, generator=g)
+    b = torch.randn(200, generator=g) if with_bias else None
+    torch.testing.assert_close(linear(x, w, b), torch.nn.functional.linear(x, w, b),
+                               atol=1e-4, rtol=1e-5)
+    # A row view of a wider tensor (the fused qkv output) works as well.
+    wide = torch.randn(rows, 192, generator=g)[:, :96]
+    torch.testing.assert_close(linear(wide, w, b), torch.nn.functional.linear(wide, w, b),
+                               atol=1e-4, rtol=1e-5)

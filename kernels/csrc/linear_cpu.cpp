@@ -1,0 +1,73 @@
+// Small-batch linear on CPU (fp32): y[M, N] = x[M, K] @ W[N, K]^T (+ bias), for the few-row
+// decode steps where the library GEMM reaches only part of the memory bandwidth. Each weight
+// row is streamed once and dotted with every input row while it is in registers/L1.
+#include <torch/extension.h>
+
+#include <algorithm>
+
+namespace {
+constexpr int64_t kMaxRows = 8;
+constexpr int64_t kRowsPerTask = 64;  // weight rows per parallel task
+
+template <int M>
+void rows_kernel(const float* x, int64_t x_stride, const float* w, int64_t k, const float* bias,
+                 float* y, int64_t y_stride, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const float* wn = w + n * k;
+    float acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    for (int m = 0; m < M; ++m) {
+      const float* xm = x + m * x_stride;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < k; ++i) s += xm[i] * wn[i];
+      acc[m] = s;
+    }
+    const float b = bias ? bias[n] : 0.f;
+    for (int m = 0; m < M; ++m) y[m * y_stride + n] = acc[m] + b;
+  }
+}
+
+template <int M>
+void run(const float* x, int64_t x_stride, const float* w, int64_t n, int64_t k,
+         const float* bias, float* y) {
+  const int64_t num_tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
+#pragma omp parallel for schedule(static) if (n * k >= (1 << 18))
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    const int64_t begin = t * kRowsPerTask, end = std::min(n, begin + kRowsPerTask);
+    rows_kernel<M>(x, x_stride, w, k, bias, y, n, begin, end);
+  }
+}
+}  // namespace
+
+torch::Tensor linear_small_batch(torch::Tensor x,  // [M, K], M <= 8, last dim contiguous
+                                 torch::Tensor w,  // [N, K] contiguous
+                                 c10::optional<torch::Tensor> bias) {  // [N]
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "fp32 only");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "shape mismatch");
+  TORCH_CHECK(x.stride(1) == 1 && w.is_contiguous(), "bad layout");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  TORCH_CHECK(m >= 1 && m <= kMaxRows, "linear_small_batch: 1..8 rows");
+  auto y = torch::empty({m, n}, x.options());
+  const float* b = nullptr;
+  torch::Tensor bias_c;
+  if (bias.has_value()) {
+    bias_c = bias->contiguous();
+    b = bias_c.data_ptr<float>();
+  }
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t xs = x.stride(0);
+  switch (m) {
+    case 1: run<1>(xp, xs, wp, n, k, b, yp); break;
+    case 2: run<2>(xp, xs, wp, n, k, b, yp); break;
+    case 3: run<3>(xp, xs, wp, n, k, b, yp); break;
+    case 4: run<4>(xp, xs, wp, n, k, b, yp); break;
+    case 5: run<5>(xp, xs, wp, n, k, b, yp); break;
+    case 6: run<6>(xp, xs, wp, n, k, b, yp); break;
+    case 7: run<7>(xp, xs, wp, n, k, b, yp); break;
+    default: run<8>(xp, xs, wp, n, k, b, yp); break;
+  }
+  return y;
+}
