@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     import torch
 
 Logprobs = tuple[list[int], list[float]]  # (ids, logprobs): the chosen token first, then top-N
+# The index of a decoder's working sequence (a live beam, a contrastive candidate): it is not one
+# of the request's outputs, and RequestOutput leaves it out.
+WORKING_SEQ_INDEX = -1
 
 
 class EngineOps(Protocol):

@@ -7,7 +7,7 @@ from raylm.cluster.request import Request
 
 def make_request_output(request: Request, final: bool) -> RequestOutput:
     completions = []
-    # A negative index marks a decoder's working sequence (contrastive candidates), no output.
+    # A negative index marks a decoder's working sequence (live beams, contrastive candidates).
     for seq in sorted((s for s in request.seqs if s.index >= 0), key=lambda s: s.index):
         text = seq.detokenizer.output_text if seq.detokenizer is not None else ""
         tokens = seq.output_token_ids

@@ -130,6 +130,9 @@ class Scheduler:
             scheduled_ids.add(seq.seq_id)
             budget -= num_new
 
+        if not out.scheduled and self.waiting and self.running:
+            self._preempt_idle_for(self.waiting[0], out)
+
         # Optimistic: the executor computes these tokens this step.
         for s in out.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
@@ -140,6 +143,14 @@ class Scheduler:
         candidates = [s for s in self.running if s.seq_id not in scheduled_ids]
         assert candidates, "nothing left to preempt"
         return max(candidates, key=lambda s: s.sort_key)
+
+    def _preempt_idle_for(self, head: Sequence, out: SchedulerOutput) -> None:
+        """Nothing could run: every running sequence waits for the rest of its group (beams,
+        contrastive candidates) while a waiting sequence cannot get blocks. Free the newest idle
+        one if it is newer than the waiting head, one per step until the head fits."""
+        victim = max(self.running, key=self._key)
+        if self._key(victim) > self._key(head):
+            self._preempt(victim, out)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Preempt by recompute: free the blocks, requeue; prefix caching may restore them."""
