@@ -62,7 +62,8 @@ class CpuBackend(TorchBackend):
         from raylm.kernels.cpu_ops import load_extension
 
         self._ops = attention_cpu
-        self._available = load_extension() is not None
+        self._ext = load_extension()
+        self._available = self._ext is not None
 
     def prepare(self, meta: AttentionMetadata) -> None:
         if not self._available:
@@ -72,6 +73,27 @@ class CpuBackend(TorchBackend):
         if self._available and self._ops.supports(query, k_cache):
             return self._ops.paged_attention_cpu(query, k_cache, v_cache, meta, scale)
         return paged_attention_ref(query, k_cache, v_cache, meta, scale)
+
+    def _fused(self, *tensors: torch.Tensor) -> bool:
+        return self._available and all(t.dtype == torch.float32 and t.stride(-1) == 1
+                                       for t in tensors)
+
+    def rms_norm(self, x, weight, eps: float):
+        if self._fused(x, weight) and x.dim() == 2:
+            return self._ext.rms_norm_cpu(x, weight, eps)
+        return rms_norm_ref(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps: float):
+        """Adds x into ``residual`` in place (the caller's residual is consumed)."""
+        if self._fused(x, residual, weight) and x.dim() == 2 and residual.is_contiguous():
+            return self._ext.add_rms_norm_cpu(x, residual, weight, eps)
+        return add_rms_norm_ref(x, residual, weight, eps)
+
+    def rotary(self, positions, query, key, cos_sin_cache) -> None:
+        if self._fused(query, key, cos_sin_cache) and cos_sin_cache.is_contiguous():
+            self._ext.rotary_cpu(positions, query, key, cos_sin_cache)
+        else:
+            apply_rotary_ref(positions, query, key, cos_sin_cache)
 
 
 BACKENDS = ("torch", "cpu", "triton")

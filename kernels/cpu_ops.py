@@ -12,7 +12,7 @@ import pathlib
 
 logger = logging.getLogger(__name__)
 _CSRC = pathlib.Path(__file__).parent / "csrc"
-SOURCES = ("cpu_ops.cpp", "paged_attention_cpu.cpp", "linear_cpu.cpp")
+SOURCES = ("cpu_ops.cpp", "paged_attention_cpu.cpp", "linear_cpu.cpp", "elementwise_cpu.cpp")
 
 
 @functools.lru_cache(maxsize=1)

@@ -74,3 +74,33 @@ def test_linear_matches_torch(rows, with_bias):
     wide = torch.randn(rows, 192, generator=g)[:, :96]
     torch.testing.assert_close(linear(wide, w, b), torch.nn.functional.linear(wide, w, b),
                                atol=1e-4, rtol=1e-5)
+
+
+def test_fused_norms_rotary_and_activation_match_references():
+    from raylm.kernels.activation import silu_and_mul
+    from raylm.kernels.backend import CpuBackend
+    from raylm.kernels.norm_ref import add_rms_norm_ref, rms_norm_ref
+    from raylm.kernels.rotary_ref import apply_rotary_ref
+
+    g = torch.Generator().manual_seed(0)
+    backend = CpuBackend()
+    x, res = torch.randn(70, 96, generator=g), torch.randn(70, 96, generator=g)
+    w = torch.randn(96, generator=g)
+    torch.testing.assert_close(backend.rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6))
+    ref_out, ref_res = add_rms_norm_ref(x, res, w, 1e-6)
+    out, new_res = backend.add_rms_norm(x, res.clone(), w, 1e-6)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(new_res, ref_res)
+    # Rotary on strided q/k views of a fused qkv row, partial rotary (rotary_dim < head_dim).
+    qkv = torch.randn(70, 6 * 32, generator=g)
+    q, k = qkv[:, :128].view(70, 4, 32), qkv[:, 128:192].view(70, 2, 32)
+    cache = torch.randn(500, 16, generator=g)
+    pos = torch.randint(0, 500, (70,), generator=g)
+    q_ref, k_ref = q.clone(), k.clone()
+    apply_rotary_ref(pos, q_ref, k_ref, cache)
+    backend.rotary(pos, q, k, cache)
+    torch.testing.assert_close(q, q_ref)
+    torch.testing.assert_close(k, k_ref)
+    y = torch.randn(70, 2 * 40, generator=g)
+    gate, up = y.chunk(2, dim=-1)
+    torch.testing.assert_close(silu_and_mul(y), torch.nn.functional.silu(gate) * up)
