@@ -46,6 +46,7 @@ class EngineConfig:
         seed: int = 0,
         max_model_len: int | None = None,
         revision: str | None = None,
+        enforce_eager: bool = False,
         block_size: int = 16,
         kv_cache_memory: int | None = None,
         gpu_memory_utilization: float = 0.9,
@@ -62,7 +63,8 @@ class EngineConfig:
             device = _default_device()
         return cls(
             model=ModelConfig(model=model, dtype=dtype, device=device, seed=seed,
-                              max_model_len=max_model_len, revision=revision),
+                              max_model_len=max_model_len, revision=revision,
+                              enforce_eager=enforce_eager),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching,

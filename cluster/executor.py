@@ -15,7 +15,8 @@ class InProcessExecutor:
         from raylm.workers.model_runner import ModelRunner
 
         self.runner = ModelRunner(config.model, config.cache,
-                                  max_num_batched_tokens=config.scheduler.max_num_batched_tokens)
+                                  max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+                                  max_num_seqs=config.scheduler.max_num_seqs)
 
     @property
     def num_blocks(self) -> int:

@@ -203,6 +203,14 @@ class SamplingParams:
                 raise ValueError(
                     f"top_k must be > 1 with penalty_alpha (contrastive search), got {self.top_k}"
                 )
+        if self.num_beams > 1 or self.penalty_alpha > 0.0:
+            # Both searches score with the model's raw logprobs: a penalty would be ignored.
+            mode = "beam search" if self.num_beams > 1 else "contrastive search"
+            for name, off in (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
+                              ("frequency_penalty", 0.0)):
+                if getattr(self, name) != off:
+                    raise ValueError(f"{name} is not supported with {mode}, "
+                                     f"got {getattr(self, name)}")
 
     # --- derived views ----------------------------------------------------------------------
 

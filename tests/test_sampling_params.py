@@ -106,3 +106,12 @@ def test_from_dict_rejects_unknown_field() -> None:
     with pytest.raises(ValueError, match="best_of"):
         SamplingParams.from_dict({"best_of": 2})
 
+
+
+@pytest.mark.parametrize("search", [dict(num_beams=2, temperature=0.0),
+                                    dict(penalty_alpha=0.6, top_k=4)])
+@pytest.mark.parametrize("penalty", [dict(repetition_penalty=1.2), dict(presence_penalty=0.5),
+                                     dict(frequency_penalty=0.5)])
+def test_searches_reject_penalties_they_would_ignore(search, penalty):
+    with pytest.raises(ValueError, match=next(iter(penalty))):
+        SamplingParams(**search, **penalty)

@@ -9,11 +9,12 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 @dataclass(frozen=True)
 class ModelConfig:
     model: str  # local directory or Hugging Face repo id
-    dtype: str = "auto"  # "auto" = the checkpoint's torch_dtype (fp32 on CPU if it is fp16/bf16?) see resolve
+    dtype: str = "auto"  # "auto" = the checkpoint's torch_dtype (float32 when it names none)
     device: str = "cpu"
     seed: int = 0
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     revision: str | None = None
+    enforce_eager: bool = False  # GPU: never replay decode steps from CUDA graphs
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, *,
-                 max_num_batched_tokens: int, tp_rank: int = 0, tp_size: int = 1,
-                 tp_group=None) -> None:
+                 max_num_batched_tokens: int, max_num_seqs: int = 256, tp_rank: int = 0,
+                 tp_size: int = 1, tp_group=None) -> None:
         from transformers import AutoConfig
 
         torch.manual_seed(model_config.seed)
@@ -39,6 +39,18 @@ class ModelRunner:
         self.kv_caches = kv_cache.allocate_kv_caches(
             self.model.num_layers, self.num_blocks, self.block_size, self.model.num_kv_heads,
             self.model.head_dim, self.dtype, self.device)
+        self.cuda_graphs = None
+        if self.device.type == "cuda" and not model_config.enforce_eager:
+            from raylm.workers.cuda_graphs import CudaGraphRunner
+
+            max_seq_len = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+            if model_config.max_model_len is not None:
+                max_seq_len = min(max_seq_len, model_config.max_model_len)
+            self.cuda_graphs = CudaGraphRunner(self.model, self.kv_caches, self.block_size,
+                                               max_batch_size=max_num_seqs,
+                                               max_seq_len=min(max_seq_len, self.num_blocks
+                                                               * self.block_size),
+                                               device=self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s on %s, backend %s)",
                     self.num_blocks, self.block_size,
                     self.num_blocks * self._block_bytes / 2**20, self.dtype, self.device,
@@ -112,7 +124,11 @@ class ModelRunner:
                                      torch.tensor(dst, device=self.device))
         meta = self._attention_metadata(inp)
         ids, pos = self._token_tensors(inp)
-        hidden = self.model(ids, pos, self.kv_caches, meta)  # [num_tokens, hidden]
+        decode_only = inp.num_tokens == inp.num_seqs
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(inp.num_seqs, decode_only):
+            hidden = self.cuda_graphs.run(ids, pos, meta)  # [num_seqs, hidden], static buffer
+        else:
+            hidden = self.model(ids, pos, self.kv_caches, meta)  # [num_tokens, hidden]
         out = ModelOutput(sampled_token_ids=[])
         if inp.hidden_state_rows:
             token_rows = torch.tensor(inp.hidden_state_rows, dtype=torch.long, device=self.device)
