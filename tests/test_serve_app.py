@@ -259,8 +259,7 @@ def test_64_concurrent_streams_complete(server):
     assert wait_until(lambda: _idle(server["llm"]), timeout_s=30)
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_bench_serve_reports_latencies(server, protocol, tmp_path):
+def test_bench_serve_reports_latencies_and_the_serving_overhead(server, tmp_path):
     import argparse
     import json
 
@@ -269,15 +268,21 @@ def test_bench_serve_reports_latencies(server, protocol, tmp_path):
     parser = argparse.ArgumentParser()
     bench_serve.add_arguments(parser)
     out = tmp_path / "serve.json"
-    args = parser.parse_args(["--protocol", protocol, "--http-port", str(server["http_port"]),
+    args = parser.parse_args(["--protocol", "grpc,http,engine", "--model", server["model"],
+                              "--http-port", str(server["http_port"]),
                               "--grpc-port", str(server["grpc_port"]),
                               "--concurrency", "1,4", "--num-requests", "8", "--output-len", "6",
                               "--out", str(out)])
     assert bench_serve.run(args) == 0
     result = json.loads(out.read_text())
-    assert [lv["load"] for lv in result["levels"]] == [1, 4]
-    for level in result["levels"]:
-        assert level["num_errors"] == 0
-        assert level["output_token_throughput"] > 0
-        assert level["ttft_s"]["p50"] <= level["e2e_s"]["p99"]
+    assert set(result["runs"]) == {"grpc", "http", "engine"}
+    for levels in result["runs"].values():
+        assert [lv["load"] for lv in levels] == [1, 4]
+        for level in levels:
+            assert level["num_errors"] == 0
+            assert level["output_token_throughput"] > 0
+            assert level["ttft_s"]["p50"] <= level["e2e_s"]["p99"]
+    assert [(r["protocol"], r["load"]) for r in result["vs_engine"]] == [
+        ("grpc", 1), ("grpc", 4), ("http", 1), ("http", 4)]
+    assert all(r["throughput_fraction"] > 0 for r in result["vs_engine"])
     assert out.with_suffix(".png").stat().st_size > 0

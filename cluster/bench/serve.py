@@ -35,7 +35,13 @@ class Sample:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    parser.add_argument("--protocol", default="grpc",
+                        help="grpc, http, engine (the in-process AsyncEngine, no serving path), "
+                             "or a comma list run one after another, e.g. grpc,http,engine")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint for the 'engine' protocol (the server's model)")
+    parser.add_argument("--engine-max-num-seqs", type=int, default=256,
+                        help="max_num_seqs of the in-process engine (match the server's)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--grpc-port", type=int, default=9000)
     parser.add_argument("--http-port", type=int, default=8000)
@@ -113,6 +119,33 @@ class _HttpClient:
             await self._session.close()
 
 
+class _EngineClient:
+    """The same requests straight into an in-process AsyncEngine: the baseline that tells
+    what the serving path (proxy, ingress, handle, streaming) costs."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        if not args.model:
+            raise ValueError("--model is required for --protocol engine")
+        from raylm.cluster import AsyncEngine, SamplingParams
+
+        self._engine = AsyncEngine(args.model, dtype="float32",
+                                   max_num_seqs=args.engine_max_num_seqs)
+        self._params = SamplingParams(max_tokens=args.output_len, ignore_eos=True,
+                                      temperature=0.0)
+
+    async def request(self, prompt: str, sample: Sample) -> None:
+        start = last = time.perf_counter()
+        async for out in self._engine.generate(prompt, self._params):
+            last = _record(sample, start, last, len(out.outputs[0].delta_token_ids))
+        sample.e2e = time.perf_counter() - start
+
+    async def close(self) -> None:
+        self._engine.shutdown()
+
+
+_CLIENTS = {"grpc": _GrpcClient, "http": _HttpClient, "engine": _EngineClient}
+
+
 def _record(sample: Sample, start: float, last: float, num_new_tokens: int) -> float:
     """Account a streamed message carrying num_new_tokens; returns its arrival time."""
     if num_new_tokens <= 0:
@@ -184,22 +217,26 @@ def summarize(samples: list[Sample], duration_s: float) -> dict[str, Any]:
     }
 
 
-def _plot(path: Path, load_name: str, levels: list[dict[str, Any]]) -> Path:
+def _plot(path: Path, load_name: str, runs: dict[str, list[dict[str, Any]]]) -> Path:
+    """Latency percentiles against load, one colour per protocol."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [lv["load"] for lv in levels]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, label in zip(axes, ("ttft_s", "itl_s", "e2e_s"), ("TTFT", "inter-token", "end-to-end")):
-        for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
-            ys = [lv[key][q] * 1e3 if lv[key][q] is not None else float("nan") for lv in levels]
-            ax.plot(xs, ys, style, label=q)
+    for ax, key, label in zip(axes, ("ttft_s", "itl_s", "e2e_s"),
+                              ("TTFT", "inter-token", "end-to-end")):
+        for color, (protocol, levels) in zip(("C0", "C1", "C2", "C3"), runs.items()):
+            xs = [lv["load"] for lv in levels]
+            for q, style in (("p50", "o-"), ("p99", "^:")):
+                ys = [lv[key][q] * 1e3 if lv[key][q] is not None else float("nan")
+                      for lv in levels]
+                ax.plot(xs, ys, style, color=color, label=f"{protocol} {q}")
         ax.set_xlabel(load_name)
         ax.set_ylabel(f"{label} latency (ms)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -216,30 +253,64 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--rates/--concurrency: load levels must be > 0")
     if args.num_requests < 1:
         raise ValueError("--num-requests must be >= 1")
-    client = _GrpcClient(args) if args.protocol == "grpc" else _HttpClient(args)
-    levels = []
-    try:
-        for i, load in enumerate(loads):
-            prompts = _prompts(args.num_requests, args.input_len, args.seed + i)
-            samples, duration = await _run_level(
-                client, prompts, load if args.rates else None, None if args.rates else int(load),
-                args.seed + i)
-            levels.append({"load": load, **summarize(samples, duration)})
-    finally:
-        await client.close()
-    return {"protocol": args.protocol, "load": load_name, "input_len_words": args.input_len,
-            "output_len": args.output_len, "levels": levels}
+    protocols = [p.strip() for p in args.protocol.split(",")]
+    unknown = [p for p in protocols if p not in _CLIENTS]
+    if unknown:
+        raise ValueError(f"--protocol: unknown {unknown}; choose from {sorted(_CLIENTS)}")
+    runs = {}
+    for protocol in protocols:
+        client = _CLIENTS[protocol](args)
+        levels = []
+        try:
+            for i, load in enumerate(loads):
+                # The same prompts for every protocol: ratios compare like with like.
+                prompts = _prompts(args.num_requests, args.input_len, args.seed + i)
+                samples, duration = await _run_level(
+                    client, prompts, load if args.rates else None,
+                    None if args.rates else int(load), args.seed + i)
+                levels.append({"load": load, **summarize(samples, duration)})
+        finally:
+            await client.close()
+        runs[protocol] = levels
+    return {"protocols": protocols, "load": load_name, "input_len_words": args.input_len,
+            "output_len": args.output_len, "runs": runs}
+
+
+def _vs_engine(result: dict[str, Any]) -> list[list[Any]]:
+    """Per served protocol and load: throughput / engine's, TTFT p50 added over the engine's."""
+    engine = result["runs"].get("engine")
+    if engine is None:
+        return []
+    rows = []
+    for protocol, levels in result["runs"].items():
+        if protocol == "engine":
+            continue
+        for lv, base in zip(levels, engine):
+            ttft, base_ttft = lv["ttft_s"]["p50"], base["ttft_s"]["p50"]
+            rows.append([protocol, lv["load"],
+                         lv["output_token_throughput"] / base["output_token_throughput"],
+                         None if ttft is None or base_ttft is None else (ttft - base_ttft) * 1e3])
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
     result = asyncio.run(_bench(args))
-    rows = [[lv["load"], lv["num_errors"], lv["request_throughput"], lv["output_token_throughput"],
+    rows = [[protocol, lv["load"], lv["num_errors"], lv["request_throughput"],
+             lv["output_token_throughput"],
              *(lv[k][q] * 1e3 if lv[k][q] is not None else None
                for k in ("ttft_s", "itl_s", "e2e_s") for q in ("p50", "p99"))]
-            for lv in result["levels"]]
-    print(format_table([result["load"], "errors", "req/s", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
-                        "ITL p50 ms", "ITL p99 ms", "e2e p50 ms", "e2e p99 ms"], rows))
+            for protocol, levels in result["runs"].items() for lv in levels]
+    print(format_table(["protocol", result["load"], "errors", "req/s", "tok/s", "TTFT p50 ms",
+                        "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "e2e p50 ms", "e2e p99 ms"],
+                       rows))
+    vs = _vs_engine(result)
+    if vs:
+        result["vs_engine"] = [dict(zip(("protocol", "load", "throughput_fraction",
+                                         "ttft_p50_added_ms"), r)) for r in vs]
+        print(format_table(["protocol", result["load"], "tok/s / engine's",
+                            "TTFT p50 added ms"], vs))
     out = write_json(args.out, result)
-    png = _plot(png_path_for(out), result["load"], result["levels"])
+    png = _plot(png_path_for(out), result["load"], result["runs"])
     print(f"wrote {out} and {png}")
-    return 0 if all(lv["num_errors"] == 0 for lv in result["levels"]) else 1
+    errors = [lv["num_errors"] for levels in result["runs"].values() for lv in levels]
+    return 0 if not any(errors) else 1
