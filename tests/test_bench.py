@@ -68,6 +68,18 @@ def test_throughput_without_baseline_reports_raylm_only(model_dir, tmp_path):
     assert not out.with_suffix(".png").exists()
 
 
+def test_throughput_of_a_mixed_decoding_batch(model_dir, tmp_path):
+    out = tmp_path / "mixed.json"
+    args = _parse(throughput, [
+        "--model", model_dir, "--num-prompts", "8", "--prompt-len", "8", "--output-len", "4",
+        "--baseline", "none", "--decoding", "mixed", "--kv-cache-memory", KV_CACHE_BYTES,
+        "--out", str(out), "--no-png",
+    ])
+    assert throughput.run(args) == 0  # every kind returned exactly its output length
+    data = json.loads(out.read_text())
+    assert data["decoding"] == "mixed" and data["results"]["raylm"]["output_tokens_per_s"] > 0
+
+
 def test_latency_command_writes_decode_time_and_floor_fraction(model_dir, tmp_path, capsys):
     out = tmp_path / "latency.json"
     args = _parse(latency, [

@@ -262,6 +262,9 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         client = _CLIENTS[protocol](args)
         levels = []
         try:
+            # Warm-up outside the measurement: first connections, proxies, first steps.
+            await _run_level(client, _prompts(4, args.input_len, args.seed - 1), None, 4,
+                             args.seed - 1)
             for i, load in enumerate(loads):
                 # The same prompts for every protocol: ratios compare like with like.
                 prompts = _prompts(args.num_requests, args.input_len, args.seed + i)

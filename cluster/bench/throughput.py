@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--hf-batch-sizes", type=_batch_sizes, default=[8, 16, 32, 64],
                         help="static batch sizes to try for the HF baseline (best one is used)")
+    parser.add_argument("--decoding", default="greedy", choices=("greedy", "mixed"),
+                        help="mixed: requests cycle through greedy, seeded sampling, beam search "
+                             "(4 beams) and contrastive search (alpha 0.6, top_k 4)")
     parser.add_argument("--out", default="bench_throughput.json", help="JSON result path")
 
 
@@ -93,6 +96,17 @@ def greedy_params(output_len: int) -> Any:
     return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
 
 
+def mixed_params(index: int, output_len: int) -> Any:
+    """Request i of a mixed batch: the four decoding kinds in turn, all running together."""
+    from raylm.cluster import SamplingParams
+
+    kinds = (dict(temperature=0.0),
+             dict(temperature=0.8, top_p=0.95, top_k=50, seed=index),
+             dict(temperature=0.0, num_beams=4),
+             dict(penalty_alpha=0.6, top_k=4))
+    return SamplingParams(max_tokens=output_len, ignore_eos=True, **kinds[index % len(kinds)])
+
+
 def run_raylm(
     args: argparse.Namespace, info: ModelInfo, requests: Sequence[BenchRequest]
 ) -> RunResult:
@@ -104,7 +118,10 @@ def run_raylm(
     warmup = make_requests(info, 2, 16, 4, seed=args.seed + 1, fixed_lengths=True)
     llm.generate([r.prompt_token_ids for r in warmup], greedy_params(4), use_tqdm=False)
     logger.info("raylm: generating %d requests", len(requests))
-    params = [greedy_params(r.output_len) for r in requests]
+    if getattr(args, "decoding", "greedy") == "mixed":
+        params = [mixed_params(i, r.output_len) for i, r in enumerate(requests)]
+    else:
+        params = [greedy_params(r.output_len) for r in requests]
     start = time.perf_counter()
     outputs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=True)
     elapsed = time.perf_counter() - start
@@ -191,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model,
         "dtype": args.dtype,
         "device": device,
+        "decoding": args.decoding,
         "engine": {
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
