@@ -8,14 +8,16 @@ from __future__ import annotations
 import torch
 
 from raylm.kernels.attention_triton import paged_attention_triton
+from raylm.kernels.backend import TorchBackend
 from raylm.kernels.kv_write_triton import write_kv_triton
 from raylm.kernels.metadata import AttentionMetadata
 from raylm.kernels.norm_triton import add_rms_norm_triton, rms_norm_triton
 from raylm.kernels.rotary_triton import apply_rotary_triton
 
 
-class TritonBackend:
-    """Same methods and semantics as TorchBackend; every op is one (or two) kernel launches."""
+class TritonBackend(TorchBackend):
+    """Same methods and semantics as TorchBackend; every op is one (or two) kernel launches
+    (copy_blocks, a plain indexed copy, is inherited)."""
 
     name = "triton"
 
@@ -59,10 +61,3 @@ class TritonBackend:
         cos_sin_cache: torch.Tensor,  # [max_positions, rotary_dim]
     ) -> None:
         apply_rotary_triton(positions, query, key, cos_sin_cache)
-
-    def copy_blocks(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                    src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy whole blocks src[i] -> dst[i] in every layer (copy-on-write of forked blocks)."""
-        for k_cache, v_cache in kv_caches:
-            k_cache[dst] = k_cache[src]
-            v_cache[dst] = v_cache[src]
