@@ -69,14 +69,18 @@ def test_leaving_the_stream_early_aborts_and_frees_blocks(engine):
 
 
 def test_cancelled_task_aborts(engine):
+    started = None
+
     async def consume():
-        async for _ in engine.generate([9] * 10, SamplingParams(temperature=0, max_tokens=500,
+        async for _ in engine.generate([9] * 10, SamplingParams(temperature=0, max_tokens=3000,
                                                                  ignore_eos=True)):
-            pass
+            started.set()
 
     async def main():
+        nonlocal started
+        started = asyncio.Event()
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.3)
+        await started.wait()  # cancel mid-stream, whatever the machine's speed
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
