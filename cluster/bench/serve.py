@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -56,9 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench_results/serve.json", help="JSON path (PNG next to it)")
 
 
-def _prompts(count: int, length: int, seed: int) -> list[str]:
+def _prompts(count: int, length: int, seed: int, salt: str = "") -> list[str]:
+    """Seeded word prompts; ``salt`` (a run/protocol-unique first word) keeps the server's
+    prefix cache from serving one protocol's or an earlier run's prompts to another."""
     rng = random.Random(seed)
-    return [" ".join(rng.choice(_WORDS) for _ in range(length)) for _ in range(count)]
+    return [" ".join([salt] * bool(salt) + [rng.choice(_WORDS) for _ in range(length)])
+            for _ in range(count)]
 
 
 class _GrpcClient:
@@ -258,16 +262,20 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"--protocol: unknown {unknown}; choose from {sorted(_CLIENTS)}")
     runs = {}
+    run_id = f"{os.getpid():x}{time.time_ns() % 10**6:x}"
     for protocol in protocols:
         client = _CLIENTS[protocol](args)
         levels = []
         try:
             # Warm-up outside the measurement: first connections, proxies, first steps.
-            await _run_level(client, _prompts(4, args.input_len, args.seed - 1), None, 4,
+            await _run_level(client, _prompts(4, args.input_len, args.seed - 1,
+                                              salt=f"{run_id}warm{protocol}"), None, 4,
                              args.seed - 1)
             for i, load in enumerate(loads):
-                # The same prompts for every protocol: ratios compare like with like.
-                prompts = _prompts(args.num_requests, args.input_len, args.seed + i)
+                # The same seeded prompts for every protocol (ratios compare like with like),
+                # each salted so that no protocol hits another's prefix-cache entries.
+                prompts = _prompts(args.num_requests, args.input_len, args.seed + i,
+                                   salt=f"{run_id}{protocol}")
                 samples, duration = await _run_level(
                     client, prompts, load if args.rates else None,
                     None if args.rates else int(load), args.seed + i)
