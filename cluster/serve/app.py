@@ -2,6 +2,8 @@
 `raylm.cluster.serve.app:build_app` from a Serve config file (deploy/serve_config.yaml)."""
 from __future__ import annotations
 
+import os
+
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -13,6 +15,16 @@ from raylm.cluster.serve.llm_server import LLMServer
 GRPC_SERVICER_FUNCTIONS = ["raylm.proto.generation_pb2_grpc.add_GenerationServicer_to_server"]
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 9000
+
+
+def _node_cpus() -> float:
+    """The cores a CPU replica computes on: this node's, capped by what Ray was given."""
+    import ray
+
+    cpus = float(os.cpu_count() or 1)
+    if ray.is_initialized():
+        cpus = min(cpus, ray.cluster_resources().get("CPU", cpus))
+    return max(cpus, 1.0)
 
 
 @dataclass(frozen=True)
@@ -34,8 +46,9 @@ class AppConfig:
     seed: int = 0
     max_queued_requests: int | None = None
     tensor_parallel_size: int = 1
-    # placement: resources of each tensor-parallel rank's bundle
-    num_cpus_per_rank: float = 1.0
+    # placement: resources of each tensor-parallel rank's bundle; None = on CPU the node's
+    # cores (a CPU replica computes on all of them), with a GPU one core
+    num_cpus_per_rank: float | None = None
     num_gpus_per_rank: float = 0.0
     # autoscaling
     min_replicas: int = 1
@@ -54,6 +67,9 @@ class AppConfig:
                              f"({self.min_replicas})")
         if self.target_ongoing_requests <= 0:
             raise ValueError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        if self.num_cpus_per_rank is None:
+            on_gpu = self.num_gpus_per_rank > 0 or self.device == "cuda"
+            object.__setattr__(self, "num_cpus_per_rank", 1.0 if on_gpu else _node_cpus())
         if self.num_cpus_per_rank < 0 or self.num_gpus_per_rank < 0:
             raise ValueError("num_cpus_per_rank / num_gpus_per_rank must be >= 0")
 

@@ -40,6 +40,19 @@ async def _quietly(awaitable) -> None:
         logger.debug("cleanup step failed", exc_info=True)
 
 
+def _use_assigned_cpus() -> None:
+    """Compute with as many threads as CPUs this replica reserved. Ray starts workers with
+    OMP_NUM_THREADS=1 unless told otherwise, which would leave a CPU replica on one core."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    if cpus >= 1:
+        torch.set_num_threads(int(cpus))
+    logger.info("LLMServer computes with %d threads (%.1f CPUs reserved)",
+                torch.get_num_threads(), cpus)
+
+
 @serve.deployment(name="LLMServer", max_ongoing_requests=256, health_check_period_s=10)
 class LLMServer:
     def __init__(self, engine_args: dict[str, Any]) -> None:
@@ -47,6 +60,7 @@ class LLMServer:
 
         engine_args = dict(engine_args)
         engine_args["model"] = resolve_model(engine_args.get("model"))
+        _use_assigned_cpus()
         self.engine = AsyncEngine(**engine_args)
         self.tokenizer = self.engine.tokenizer
         self.model_name: str = self.engine.model_name
