@@ -35,6 +35,13 @@ class EngineConfig:
     cache: CacheConfig
     scheduler: SchedulerConfig
     parallel: ParallelConfig
+    # Streaming: send a request's delta every this many tokens (the first token at once).
+    # Larger values spend less CPU on messages per token (serving many streams on few cores).
+    stream_interval: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stream_interval, int) or self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be an int >= 1, got {self.stream_interval!r}")
 
     @classmethod
     def from_kwargs(
@@ -58,6 +65,7 @@ class EngineConfig:
         scheduling_policy: str = "fcfs",
         max_queued_requests: int | None = None,
         tensor_parallel_size: int = 1,
+        stream_interval: int = 1,
     ) -> "EngineConfig":
         if device is None:
             device = _default_device()
@@ -75,6 +83,7 @@ class EngineConfig:
                                       policy=scheduling_policy,
                                       max_queued_requests=max_queued_requests),
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
+            stream_interval=stream_interval,
         )
 
 

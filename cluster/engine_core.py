@@ -167,7 +167,12 @@ class EngineCore:
                 self.requests.pop(request.request_id, None)
                 outputs.append(make_request_output(request, final=True))
             elif emit_deltas:
-                outputs.append(make_request_output(request, final=False))
+                request.num_unstreamed_steps += 1
+                first = request.num_unstreamed_steps == 1 and not request.streamed_any
+                if first or request.num_unstreamed_steps >= self.config.stream_interval:
+                    request.num_unstreamed_steps = 0
+                    request.streamed_any = True
+                    outputs.append(make_request_output(request, final=False))
         return outputs
 
     # -- EngineOps: how decoders change sequences --------------------------------------------

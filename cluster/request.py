@@ -95,6 +95,8 @@ class Request:
         self.decoder: Any = None  # a cluster.decoding.Decoder, set by the engine
         self.cache_salt: str | None = None  # isolates this request's prefix-cache entries
         self.prompt_logprobs: list[dict[int, float] | None] | None = None  # when asked
+        self.num_unstreamed_steps = 0  # steps with new tokens since the last streamed delta
+        self.streamed_any = False
 
     @property
     def is_finished(self) -> bool:

@@ -127,3 +127,21 @@ def test_queue_limit_rejects_with_queue_full_and_keeps_serving(tiny_model):
         eng.core.check_integrity()
     finally:
         eng.shutdown()
+
+
+def test_stream_interval_batches_deltas_without_losing_tokens(tiny_model):
+    eng = AsyncEngine(str(tiny_model("llama")), dtype="float32", stream_interval=4)
+    try:
+        async def main():
+            deltas, tokens, last = [], [], None
+            async for out in eng.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=13,
+                                                                    ignore_eos=True)):
+                deltas.append(len(out.outputs[0].delta_token_ids))
+                tokens += out.outputs[0].delta_token_ids
+                last = out
+            return deltas, tokens, last
+        deltas, tokens, last = asyncio.run(main())
+        # The first token at once, then every 4 steps, the rest with the final output.
+        assert deltas == [1, 4, 4, 4] and tokens == last.outputs[0].token_ids
+    finally:
+        eng.shutdown()

@@ -45,6 +45,7 @@ class AppConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     max_queued_requests: int | None = None
+    stream_interval: int = 1  # tokens per streamed delta (the first token always at once)
     tensor_parallel_size: int = 1
     # placement: resources of each tensor-parallel rank's bundle; None = on CPU the node's
     # cores (a CPU replica computes on all of them), with a GPU one core
@@ -85,7 +86,8 @@ class AppConfig:
     def engine_args(self) -> dict[str, Any]:
         engine_fields = ("model", "dtype", "device", "max_model_len", "gpu_memory_utilization",
                          "block_size", "max_num_seqs", "max_num_batched_tokens",
-                         "kv_cache_memory", "enable_prefix_caching", "seed", "max_queued_requests")
+                         "kv_cache_memory", "enable_prefix_caching", "seed", "max_queued_requests",
+                         "stream_interval")
         out = {k: v for k, v in asdict(self).items() if k in engine_fields and v is not None}
         out["max_queued_requests"] = self.max_queued_requests
         out["tensor_parallel_size"] = self.tensor_parallel_size
