@@ -15,6 +15,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.seqs: dict[int, Sequence] = {}  # seq_id -> sequences holding blocks
         self.block_keys: dict[int, list[BlockKey]] = {}  # seq_id -> keys of its full blocks
+        self.num_published: dict[int, int] = {}  # seq_id -> leading blocks already in the cache
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
 
@@ -107,9 +108,13 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
+        start = self.num_published.get(seq.seq_id, 0)
+        if num_full <= start:
+            return
         keys = self._keys_of(seq, num_full)
-        for i in range(num_full):
+        for i in range(start, num_full):
             self.pool.cache_block(seq.block_ids[i], keys[i])
+        self.num_published[seq.seq_id] = num_full
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares all the parent's blocks (n > 1, beam search)."""
@@ -127,10 +132,12 @@ class KVCacheManager:
         seq.block_ids = []
         self.seqs.pop(seq.seq_id, None)
         self.block_keys.pop(seq.seq_id, None)
+        self.num_published.pop(seq.seq_id, None)
 
     def reset_prefix_keys(self, seq: Sequence) -> None:
         """Token ids of a sequence changed (beam reassignment): recompute its keys lazily."""
         self.block_keys.pop(seq.seq_id, None)
+        self.num_published.pop(seq.seq_id, None)
 
     def check_integrity(self) -> None:
         """free + used == total, and every ref count equals the number of holders."""
