@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint for the 'engine' protocol (the server's model)")
     parser.add_argument("--engine-max-num-seqs", type=int, default=256,
                         help="max_num_seqs of the in-process engine (match the server's)")
+    parser.add_argument("--engine-dtype", default="auto",
+                        help="dtype of the in-process engine (match the server's)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--grpc-port", type=int, default=9000)
     parser.add_argument("--http-port", type=int, default=8000)
@@ -104,7 +106,7 @@ class _HttpClient:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         body = {"prompt": prompt, "max_tokens": self._output_len, "ignore_eos": True,
-                "temperature": 0.0, "stream": True}
+                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
         start = last = time.perf_counter()
         async with self._session.post(self._base + "/v1/completions", json=body) as resp:
             if resp.status != 200:
@@ -114,7 +116,11 @@ class _HttpClient:
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[len("data: "):])
-                # one SSE chunk per choice per engine step, one token each
+                if chunk.get("usage") and not chunk.get("choices"):
+                    # The final usage chunk: the exact count, whatever the stream interval.
+                    sample.num_output_tokens = chunk["usage"]["completion_tokens"]
+                    continue
+                # SSE chunks carry text, not ids: count one token per chunk until the usage.
                 last = _record(sample, start, last, len(chunk.get("choices", [])))
         sample.e2e = time.perf_counter() - start
 
@@ -132,7 +138,7 @@ class _EngineClient:
             raise ValueError("--model is required for --protocol engine")
         from raylm.cluster import AsyncEngine, SamplingParams
 
-        self._engine = AsyncEngine(args.model, dtype="float32",
+        self._engine = AsyncEngine(args.model, dtype=args.engine_dtype,
                                    max_num_seqs=args.engine_max_num_seqs)
         self._params = SamplingParams(max_tokens=args.output_len, ignore_eos=True,
                                       temperature=0.0)
