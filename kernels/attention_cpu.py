@@ -2,7 +2,8 @@
 
 Decode attention is memory bound; the torch reference copies every sequence's K/V out of its
 blocks before attending (three passes over the KV bytes), this op reads them once in place.
-fp32 only; other dtypes and the oracle use kernels/attention_ref.py.
+fp32 queries over an fp32, bf16 or fp16 cache; other dtypes and the oracle use
+kernels/attention_ref.py.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from raylm.kernels.metadata import AttentionMetadata
 
 def supports(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
     return (query.device.type == "cpu" and query.dtype == torch.float32
-            and k_cache.dtype == torch.float32 and query.shape[1] // k_cache.shape[2] <= 16)
+            and k_cache.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and query.shape[1] // k_cache.shape[2] <= 16)
 
 
 def paged_attention_cpu(

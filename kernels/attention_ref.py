@@ -84,8 +84,10 @@ def paged_attention_ref(
     if plan.decode_rows is not None:
         num_decodes, max_len = plan.decode_slots.shape
         flat = plan.decode_slots.reshape(-1)
-        k = k_flat.index_select(0, flat).view(num_decodes, max_len, num_kv_heads, head_dim).transpose(1, 2)
-        v = v_flat.index_select(0, flat).view(num_decodes, max_len, num_kv_heads, head_dim).transpose(1, 2)
+        shape = (num_decodes, max_len, num_kv_heads, head_dim)
+        # A 16-bit cache under a wider model: attend in the query's dtype.
+        k = k_flat.index_select(0, flat).to(query.dtype).view(shape).transpose(1, 2)
+        v = v_flat.index_select(0, flat).to(query.dtype).view(shape).transpose(1, 2)
         q = query.index_select(0, plan.decode_rows).unsqueeze(2)  # [num_decodes, num_heads, 1, head_dim]
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=plan.decode_mask, scale=scale, enable_gqa=gqa
@@ -93,8 +95,9 @@ def paged_attention_ref(
         out[plan.decode_rows] = o.squeeze(2)
     for start, q_len, slots, mask in plan.prefills:
         q = query[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, num_heads, q_len, D]
-        k = k_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0)  # [1, num_kv_heads, seq_len, D]
-        v = v_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+        k = k_flat.index_select(0, slots).to(query.dtype).transpose(0, 1).unsqueeze(0)
+        v = v_flat.index_select(0, slots).to(query.dtype).transpose(0, 1).unsqueeze(0)
+        # k, v: [1, num_kv_heads, seq_len, head_dim]
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
         )

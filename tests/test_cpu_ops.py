@@ -51,6 +51,16 @@ def test_mixed_batch_matches_reference(block_size, num_kv_heads, group):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)  # fp32
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+def test_16bit_cache_matches_reference(cache_dtype):
+    q_lens, s_lens = [1, 1, 9], [37, 16, 40]
+    query, k_cache, v_cache, meta = _case(q_lens, s_lens, 16, 2, 4)
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
+    ref = paged_attention_ref(query, k_cache, v_cache, meta, scale=0.2)
+    out = paged_attention_cpu(query, k_cache, v_cache, meta, scale=0.2)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)  # same rounded K/V, fp32 math
+
+
 def test_strided_query_view():
     query, k_cache, v_cache, meta = _case([1, 9], [40, 9], 16, 2, 2, head_dim=64)
     wide = torch.randn(query.shape[0], query.shape[1] * 2, query.shape[2])

@@ -145,3 +145,21 @@ def test_prompt_logprobs_match_hf_across_prefill_chunks(tiny_model):
         for t in ref[pos - 1].topk(3).indices.tolist():
             assert entry[t] == pytest.approx(ref[pos - 1, t].item(), abs=1e-4)
     _assert_clean(llm)
+
+
+def test_16bit_kv_cache_stays_close_to_the_fp32_cache(tiny_model):
+    path = str(tiny_model("llama"))
+    (prompt,) = random_prompts(2048, [60], seed=15)
+    params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0)
+    ref = LLM(path, dtype="float32", max_num_batched_tokens=16).generate([prompt], params)[0]
+    llm = LLM(path, dtype="float32", kv_cache_dtype="bfloat16", max_num_batched_tokens=16)
+    assert llm.model_runner.kv_caches[0][0].dtype == torch.bfloat16
+    out = llm.generate([prompt], params)[0]
+    # Later chunks attend to the rounded K/V of earlier ones: close, not bit-equal.
+    for pos in range(1, len(prompt)):
+        tok = prompt[pos]
+        assert out.prompt_logprobs[pos][tok] == pytest.approx(ref.prompt_logprobs[pos][tok],
+                                                              abs=5e-2)
+    _assert_clean(llm)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLM(path, kv_cache_dtype="int8")

@@ -23,15 +23,24 @@ class ModelConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
+    # "auto" = the model's dtype. A 16-bit cache under an fp32 model halves the KV bytes that
+    # decode attention reads (it is memory bound), at the cost of rounding the stored K/V.
+    kv_cache_dtype: str = "auto"
     kv_cache_memory: int | None = None  # bytes (CPU); None = a fraction of free RAM
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     num_blocks_override: int | None = None  # tests: force a tiny pool
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

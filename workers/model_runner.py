@@ -31,6 +31,11 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config.dtype, self.hf_config)
         self.backend = get_backend(self.device)
         self.block_size = cache_config.block_size
+        self.kv_dtype = (self.dtype if cache_config.kv_cache_dtype == "auto"
+                         else getattr(torch, cache_config.kv_cache_dtype))
+        if self.kv_dtype != self.dtype and self.backend.name == "triton":
+            raise ValueError(f"kv_cache_dtype={cache_config.kv_cache_dtype} differs from the model "
+                             f"dtype {self.dtype}; the Triton backend needs them equal")
         self.model = load_model(self.model_path, dtype=self.dtype, device=self.device,
                                 backend=self.backend, tp_rank=tp_rank, tp_size=tp_size,
                                 tp_group=tp_group)
@@ -38,7 +43,7 @@ class ModelRunner:
         self.num_blocks = self._size_kv_cache(cache_config, max_num_batched_tokens)
         self.kv_caches = kv_cache.allocate_kv_caches(
             self.model.num_layers, self.num_blocks, self.block_size, self.model.num_kv_heads,
-            self.model.head_dim, self.dtype, self.device)
+            self.model.head_dim, self.kv_dtype, self.device)
         self.cuda_graphs = None
         if self.device.type == "cuda" and not model_config.enforce_eager:
             from raylm.workers.cuda_graphs import CudaGraphRunner
@@ -53,13 +58,14 @@ class ModelRunner:
                                                device=self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s on %s, backend %s)",
                     self.num_blocks, self.block_size,
-                    self.num_blocks * self._block_bytes / 2**20, self.dtype, self.device,
+                    self.num_blocks * self._block_bytes / 2**20, self.kv_dtype, self.device,
                     self.backend.name)
 
     @property
     def _block_bytes(self) -> int:
         return kv_cache.bytes_per_block(self.model.num_layers, self.block_size,
-                                        self.model.num_kv_heads, self.model.head_dim, self.dtype)
+                                        self.model.num_kv_heads, self.model.head_dim,
+                                        self.kv_dtype)
 
     def _size_kv_cache(self, cache_config: CacheConfig, max_num_batched_tokens: int) -> int:
         if cache_config.num_blocks_override is not None:
@@ -76,7 +82,7 @@ class ModelRunner:
         blocks_needed = -(-num_tokens // self.block_size)
         caches = kv_cache.allocate_kv_caches(self.model.num_layers, blocks_needed, self.block_size,
                                              self.model.num_kv_heads, self.model.head_dim,
-                                             self.dtype, self.device)
+                                             self.kv_dtype, self.device)
         inp = ModelInput(input_ids=[0] * num_tokens, positions=list(range(num_tokens)),
                          slot_mapping=list(range(num_tokens)), query_lens=[num_tokens],
                          seq_lens=[num_tokens], block_tables=[list(range(blocks_needed))],

@@ -45,6 +45,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run the Hugging Face transformers baseline")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        choices=("auto", "float32", "float16", "bfloat16"),
+                        help="raylm's KV cache dtype (auto = the model's; HF keeps its own)")
     parser.add_argument("--kv-cache-memory", type=int, default=None,
                         help="KV cache bytes on CPU (default: the engine's choice)")
     parser.add_argument("--no-png", action="store_true", help="do not write the PNG chart")
@@ -75,6 +78,7 @@ def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True, **en
         dtype=args.dtype,
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         enable_prefix_caching=enable_prefix_caching,
         seed=args.seed,
         **engine,
@@ -209,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "device": device,
         "decoding": args.decoding,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "engine": {
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,

@@ -39,6 +39,7 @@ class AppConfig:
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None
     block_size: int = 16
+    kv_cache_dtype: str = "auto"
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     kv_cache_memory: int | None = None
@@ -85,7 +86,7 @@ class AppConfig:
 
     def engine_args(self) -> dict[str, Any]:
         engine_fields = ("model", "dtype", "device", "max_model_len", "gpu_memory_utilization",
-                         "block_size", "max_num_seqs", "max_num_batched_tokens",
+                         "block_size", "kv_cache_dtype", "max_num_seqs", "max_num_batched_tokens",
                          "kv_cache_memory", "enable_prefix_caching", "seed", "max_queued_requests",
                          "stream_interval")
         out = {k: v for k, v in asdict(self).items() if k in engine_fields and v is not None}

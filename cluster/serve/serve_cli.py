@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes (CPU)")
     parser.add_argument("--max-queued-requests", type=int, default=None,
                         help="queue limit per replica; beyond it requests get 429/RESOURCE_EXHAUSTED")
+    parser.add_argument("--kv-cache-dtype", default=None,
+                        choices=["auto", "float32", "float16", "bfloat16"],
+                        help="KV cache dtype (default: the model's)")
     parser.add_argument("--stream-interval", type=int, default=None,
                         help="tokens per streamed delta (default 1); larger values cost less "
                              "CPU per token when many streams share few cores")
@@ -61,7 +64,7 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
         "kv_cache_memory": args.kv_cache_memory, "max_queued_requests": args.max_queued_requests,
         "enable_prefix_caching": not args.no_prefix_caching, "seed": args.seed,
-        "stream_interval": args.stream_interval,
+        "stream_interval": args.stream_interval, "kv_cache_dtype": args.kv_cache_dtype,
         "tensor_parallel_size": args.tp, "min_replicas": args.min_replicas,
         "max_replicas": args.max_replicas, "target_ongoing_requests": args.target_ongoing_requests,
     }
