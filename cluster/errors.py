@@ -7,3 +7,8 @@ class QueueFullError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine's step loop died; the replica must be replaced (gRPC UNAVAILABLE / 503)."""
+
+
+class WorkerDiedError(EngineDeadError):
+    """A tensor-parallel rank (or its process) is gone: the engine cannot step any more and the
+    replica must be replaced with a fresh group (gRPC UNAVAILABLE / 503)."""
