@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
+import uuid
 from typing import Any
 
 from raylm.cluster.config import EngineConfig
@@ -22,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 120.0  # a group that cannot be placed in this long never will be
 POLL_S = 0.5  # how often a waiting driver checks that every rank is alive
-_WORKER_ENV_PREFIXES = ("RAYLM_", "TRITON_")  # settings the ranks must see as the driver does
+_WORKER_ENV_PREFIXES = ("RAYLM_", "TRITON_", "TORCH_EXTENSIONS_DIR")  # the ranks see them too
+WORKER_NAMESPACE = "raylm-workers"
 
 
 class RayExecutor(Executor):
@@ -48,6 +51,7 @@ class RayExecutor(Executor):
         self._pg, self._owns_pg, bundles = _placement_group(tp, on_gpu)
         actor_class = ray.remote(Worker)
         env = {k: v for k, v in os.environ.items() if k.startswith(_WORKER_ENV_PREFIXES)}
+        self.group_id = uuid.uuid4().hex[:8]
         self.workers = []
         for rank in range(tp):
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -58,6 +62,8 @@ class RayExecutor(Executor):
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._pg, placement_group_bundle_index=rank),
                 runtime_env={"env_vars": env} if env else None,
+                name=f"raylm-tp-{self.group_id}-rank{rank}",  # findable by operators and tests
+                namespace=WORKER_NAMESPACE,
             ).remote(rank, tp))
         try:
             self._start(config, bundles, on_gpu)
@@ -91,9 +97,11 @@ class RayExecutor(Executor):
             logger.info("tp rank %d: node %s pid %d bundle %d gpus %s threads %d cpus %s",
                         info["rank"], info.get("node_ip"), info["pid"], info["rank"],
                         info.get("gpu_ids"), t, cpus or "any")
-        port = ray.get(self.workers[0].free_port.remote())
         backend = "nccl" if on_gpu else "gloo"
-        ray.get([w.init_distributed.remote(nodes[0]["node_ip"], port, backend)
+        # Every rank shares the driver's node (checked above): rendezvous through a file unique
+        # to this group (two replicas on one node never collide, and no port is opened for it).
+        self._rendezvous = os.path.join(tempfile.gettempdir(), f"raylm-tp-{uuid.uuid4().hex}")
+        ray.get([w.init_distributed.remote(f"file://{self._rendezvous}", backend)
                  for w in self.workers])
         capacities = ray.get([w.load_model.remote(
             config.model, config.cache,
@@ -104,6 +112,7 @@ class RayExecutor(Executor):
                     self.num_blocks)
         infos = ray.get([w.initialize_kv_cache.remote(self.num_blocks) for w in self.workers])
         self.info = dict(infos[0], tensor_parallel_size=self.tp_size, collective=backend,
+                         group_id=self.group_id,
                          ranks=[dict(n, threads=t, cpus=c)
                                 for n, t, c in zip(nodes, threads, pinned)])
 
@@ -132,6 +141,25 @@ class RayExecutor(Executor):
             start = time.perf_counter()
             self._inbox.put((PING, i), check=self._check_workers)
             self._outbox.get(timeout=POLL_S, check=self._check_workers)
+            times.append(time.perf_counter() - start)
+        return times
+
+    def all_reduce_latency(self, numel: int, num_iters: int = 200) -> float:
+        """Median seconds of one all-reduce of ``numel`` model-dtype elements across the group
+        (runs while the step loop is idle)."""
+        import ray
+
+        return max(ray.get([w.all_reduce_latency.remote(numel, num_iters) for w in self.workers]))
+
+    def ray_call_latency(self, num_calls: int = 200) -> list[float]:
+        """Round-trip seconds of a plain Ray actor call to rank 0: what a per-step Ray call
+        per rank would cost, for comparison with the channel."""
+        import ray
+
+        times = []
+        for _ in range(num_calls):
+            start = time.perf_counter()
+            ray.get(self.workers[0].rank_id.remote())
             times.append(time.perf_counter() - start)
         return times
 
@@ -187,6 +215,9 @@ class RayExecutor(Executor):
         for channel in (inbox, getattr(self, "_outbox", None)):
             if channel is not None:
                 channel.close()
+        rendezvous = getattr(self, "_rendezvous", None)
+        if rendezvous is not None and os.path.exists(rendezvous):
+            os.unlink(rendezvous)
 
 
 def _placement_group(tp: int, on_gpu: bool):

@@ -105,7 +105,7 @@ def test_serve_runs_a_config_file(tiny_model, tmp_path):
     assert rc == 0
 
 
-@pytest.mark.parametrize("flags, field", [(["--tp", "2"], "--tp"),
+@pytest.mark.parametrize("flags, field", [(["--tp", "0"], "--tp"),
                                           (["--config", "/no/such.yaml"], "--config")])
 def test_bad_flags_fail_before_starting_ray(flags, field):
     proc = subprocess.run([sys.executable, "-m", "raylm.cluster.cli", "serve", *flags],

@@ -55,13 +55,9 @@ class Worker:
             pass
         return info
 
-    @staticmethod
-    def free_port() -> int:
-        """A port free on this node for the group's rendezvous (one per group, so two replicas
-        on one node never collide)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+    def rank_id(self) -> int:
+        """A no-op call (the dispatch benchmark times a plain Ray call with it)."""
+        return self.rank
 
     def set_cpu_threads(self, num_threads: int, cpu_ids: list[int] | None) -> None:
         """Compute with this rank's share of the node's cores (pinned when ``cpu_ids``)."""
@@ -69,21 +65,21 @@ class Worker:
             os.sched_setaffinity(0, cpu_ids)
         torch.set_num_threads(max(1, num_threads))
 
-    def init_distributed(self, master_addr: str, port: int, backend: str,
-                         timeout_s: float = 600.0) -> None:
-        """Join the group's torch.distributed process group (NCCL on CUDA, gloo on CPU)."""
+    def init_distributed(self, init_method: str, backend: str, timeout_s: float = 600.0) -> None:
+        """Join the group's torch.distributed process group (NCCL on CUDA, gloo on CPU) through
+        ``init_method`` (a file:// rendezvous on the group's node, unique per group)."""
         import datetime
 
         import torch.distributed as dist
 
         if backend == "nccl":
             torch.cuda.set_device(0)  # Ray exposes exactly this rank's GPU as device 0
-        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{port}",
+        dist.init_process_group(backend, init_method=init_method,
                                 rank=self.rank, world_size=self.tp_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         self.tp_group = dist.group.WORLD
-        logger.info("rank %d of %d joined the %s group at %s:%d", self.rank, self.tp_size,
-                    backend, master_addr, port)
+        logger.info("rank %d of %d joined the %s group (%s)", self.rank, self.tp_size,
+                    backend, init_method)
 
     # -- model -------------------------------------------------------------------------------
     def load_model(self, model_config: ModelConfig, cache_config: CacheConfig, *,
@@ -103,6 +99,25 @@ class Worker:
 
     def execute(self, inp: ModelInput) -> ModelOutput | None:
         return self.runner.execute(inp)
+
+    def all_reduce_latency(self, numel: int, num_iters: int) -> float:
+        """Median seconds of one all-reduce of ``numel`` elements of the model's dtype (every
+        rank must call it at once; the dispatch benchmark does, from Ray's second thread)."""
+        import statistics
+
+        import torch.distributed as dist
+
+        x = torch.ones(numel, dtype=self.runner.dtype, device=self.runner.device)
+        times = []
+        for _ in range(num_iters + 5):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            dist.all_reduce(x, group=self.tp_group)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[5:])
 
     # -- the step loop (Ray actor) -----------------------------------------------------------
     def run_loop(self, inbox_handle: dict, outbox_handle: dict | None) -> None:
