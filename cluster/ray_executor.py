@@ -238,16 +238,18 @@ def _placement_group(tp: int, on_gpu: bool):
             if key in bundles[0]:
                 bundles[0][key] = max(0.0, bundles[0][key] - used.get(key, 0.0))
         return current, False, bundles
-    total = ray.available_resources()
+    # Sized from the cluster's totals; the group then waits for them to be free (another
+    # group being torn down frees its bundles asynchronously).
+    total = ray.cluster_resources()
     if on_gpu:
         if total.get("GPU", 0) < tp:
-            raise ValueError(f"tensor_parallel_size={tp} needs {tp} free GPUs; Ray has "
+            raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs; the Ray cluster has "
                              f"{total.get('GPU', 0):g}")
         bundle = {"CPU": 1.0, "GPU": 1.0}
     else:
         cpus = total.get("CPU", 0)
         if cpus <= 0:
-            raise ValueError("no free CPU in the Ray cluster for the tensor-parallel workers")
+            raise ValueError("the Ray cluster has no CPU for the tensor-parallel workers")
         per_rank = float(int(cpus // tp)) if cpus >= tp else cpus / tp
         bundle = {"CPU": per_rank}
     # Pin the group to the driver's node: the control channel is shared memory.

@@ -46,7 +46,7 @@ class ShmChannel:
         self._owner = owner
         self._shm = shared_memory.SharedMemory(name=handle["shm"], create=False) if not owner \
             else self._create_shm(handle)
-        if not owner:
+        if not owner and handle["owner_pid"] != os.getpid():
             _untrack(self._shm)
         self._buf = self._shm.buf
         # O_RDWR on both ends: opening never blocks waiting for the peer, and a FIFO stays
@@ -66,7 +66,7 @@ class ShmChannel:
         for path in fifos:
             os.mkfifo(path, 0o600)
         handle = {"shm": name, "fifos": fifos, "num_readers": num_readers,
-                  "slot_bytes": slot_bytes}
+                  "slot_bytes": slot_bytes, "owner_pid": os.getpid()}
         return cls(handle, owner=True)
 
     @classmethod
