@@ -8,6 +8,7 @@ ranks' own torch.distributed group (NCCL on CUDA, gloo on CPU).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import tempfile
@@ -43,6 +44,7 @@ class RayExecutor(Executor):
         self._closed = False
         self._num_steps = 0
         self._dispatch_s = 0.0
+        self._recent_dispatch_s: collections.deque[float] = collections.deque(maxlen=1024)
         self.model_path = resolve_model_path(config.model.model, config.model.revision)
         from transformers import AutoConfig
 
@@ -127,8 +129,10 @@ class RayExecutor(Executor):
         kind, payload, compute_s = self._outbox.get(timeout=POLL_S, check=self._check_workers)
         if kind == ERROR:
             raise WorkerDiedError(f"a tensor-parallel rank failed: {payload}")
+        overhead = time.perf_counter() - start - compute_s
         self._num_steps += 1
-        self._dispatch_s += time.perf_counter() - start - compute_s
+        self._dispatch_s += overhead
+        self._recent_dispatch_s.append(overhead)
         return payload
 
     def ping(self, num_round_trips: int) -> list[float]:
@@ -184,7 +188,10 @@ class RayExecutor(Executor):
 
     def get_stats(self) -> dict[str, Any]:
         mean = self._dispatch_s / self._num_steps if self._num_steps else 0.0
-        return {"executor_dispatch_us_mean": mean * 1e6, "executor_num_steps": self._num_steps}
+        recent = sorted(self._recent_dispatch_s)
+        p50 = recent[len(recent) // 2] if recent else 0.0
+        return {"executor_dispatch_us_mean": mean * 1e6, "executor_dispatch_us_p50": p50 * 1e6,
+                "executor_num_steps": self._num_steps}
 
     def shutdown(self) -> None:
         import ray

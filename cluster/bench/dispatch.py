@@ -49,14 +49,15 @@ def run(args: argparse.Namespace) -> int:
         ray_call = _percentiles(executor.ray_call_latency(min(args.num_round_trips, 500)))
         llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=args.output_len,
                                                      ignore_eos=True))
-        step_us = llm.get_stats()["executor_dispatch_us_mean"]
+        stats = llm.get_stats()
+        step_us, step_p50_us = stats["executor_dispatch_us_mean"], stats["executor_dispatch_us_p50"]
         cfg = executor.hf_config
         all_reduce_s = executor.all_reduce_latency(cfg.hidden_size) if args.tp > 1 else 0.0
         num_collectives = 2 * cfg.num_hidden_layers + 1 + 1 if args.tp > 1 else 0
     data: dict[str, Any] = {
         "command": "dispatch", "model": args.model, "tp": args.tp, "dtype": args.dtype,
         "channel_round_trip": channel, "ray_call_round_trip": ray_call,
-        "step_dispatch_overhead_us": step_us,
+        "step_dispatch_overhead_us": step_us, "step_dispatch_overhead_p50_us": step_p50_us,
         "all_reduce_us": 1e6 * all_reduce_s,
         "collectives_per_decode_step": num_collectives,
         "collective_us_per_decode_step": 1e6 * all_reduce_s * num_collectives,
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         ("shared-memory channel round trip", channel["p50_us"], channel["p99_us"]),
         ("one Ray actor call round trip", ray_call["p50_us"], ray_call["p99_us"]),
     ]))
-    print(f"step dispatch overhead (decode, mean): {step_us:.0f} us/step")
+    print(f"step dispatch overhead (decode): p50 {step_p50_us:.0f} us/step, mean {step_us:.0f}")
     print(f"Ray call / channel: {ray_call['p50_us'] / channel['p50_us']:.1f}x")
     if args.tp > 1:
         print(f"all-reduce of one hidden row: {1e6 * all_reduce_s:.0f} us x {num_collectives} "

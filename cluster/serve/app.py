@@ -17,6 +17,12 @@ DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 9000
 
 
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _cpus_per_rank(tp: int) -> float:
     """A CPU replica computes on this node's cores (capped by what Ray was given), split evenly
     over its tensor-parallel ranks: whole cores when there are enough, else a share of one."""
@@ -53,7 +59,8 @@ class AppConfig:
     # placement: resources of each tensor-parallel rank's bundle; None = on CPU the node's
     # cores (a CPU replica computes on all of them), with a GPU one core
     num_cpus_per_rank: float | None = None
-    num_gpus_per_rank: float = 0.0
+    # None = one GPU per rank when the model runs on CUDA, else none
+    num_gpus_per_rank: float | None = None
     # autoscaling
     min_replicas: int = 1
     max_replicas: int = 1
@@ -71,8 +78,15 @@ class AppConfig:
                              f"({self.min_replicas})")
         if self.target_ongoing_requests <= 0:
             raise ValueError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        if self.device is None:
+            # Decided here, in the process that builds the app: a replica actor that reserved
+            # no GPU cannot see one, so it must be told.
+            object.__setattr__(self, "device", _default_device())
+        if self.num_gpus_per_rank is None:
+            object.__setattr__(self, "num_gpus_per_rank",
+                               1.0 if self.device.startswith("cuda") else 0.0)
         if self.num_cpus_per_rank is None:
-            on_gpu = self.num_gpus_per_rank > 0 or self.device == "cuda"
+            on_gpu = self.num_gpus_per_rank > 0 or self.device.startswith("cuda")
             object.__setattr__(self, "num_cpus_per_rank",
                                1.0 if on_gpu else _cpus_per_rank(self.tensor_parallel_size))
         if self.num_cpus_per_rank < 0 or self.num_gpus_per_rank < 0:
