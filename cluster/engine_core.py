@@ -31,7 +31,11 @@ class EngineCore:
         self.config = config
         t0 = time.monotonic()
         self.executor = make_executor(config)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.executor.model_path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.executor.model_path)
+        except BaseException:
+            self.executor.shutdown()  # worker actors must not outlive a failed start
+            raise
         hf_config = self.executor.hf_config
         self.vocab_size = hf_config.vocab_size
         block_size = config.cache.block_size
