@@ -7,3 +7,8 @@ class QueueFullError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine's step loop died; the replica must be replaced (gRPC UNAVAILABLE / 503)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed while processing one request; that request ended, the engine goes on
+    (gRPC INTERNAL / 500, with a message that names no file or code)."""
