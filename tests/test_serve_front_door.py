@@ -14,7 +14,7 @@ pytest.importorskip("ray")
 
 from raylm.cluster.serve.limits import export_limits  # noqa: E402
 from raylm.proto import generation_pb2 as pb  # noqa: E402
-from tests.serve_builders import METADATA, serve_session  # noqa: E402
+from serve_builders import METADATA, serve_session  # noqa: E402
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
