@@ -4,6 +4,7 @@ methods, both forwarding to LLMServer through a streaming DeploymentHandle.
 No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime
 through Serve's class-based view, and string annotations would turn bodies into query params."""
 
+import asyncio
 import logging
 import time
 from typing import Any, AsyncIterator
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 app = FastAPI(title="raylm", description="OpenAI-compatible API of a raylm server")
 app.add_middleware(http_guard.RequestGuard)
 
+HEALTH_TIMEOUT_S = 5.0
 _UNAVAILABLE = "the model replica is unavailable; retry shortly"
 _HTTP_KINDS = {401: "unauthenticated", 404: "not_found", 413: "too_large"}
 
@@ -140,7 +142,11 @@ class Ingress:
     async def health(self) -> JSONResponse:
         """200 while a replica's engine passes its health check (its step loop is alive)."""
         try:
-            await self._llm.check_health.remote()
+            # while no replica is up, a handle call waits for one: a probe needs an answer now
+            await asyncio.wait_for(self._llm.check_health.remote(), HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return JSONResponse(ServeError("unavailable", "no model replica answered within "
+                                           f"{HEALTH_TIMEOUT_S:.0f}s").openai_body(), status_code=503)
         except Exception as exc:
             err = _handle_error(exc)
             if err.kind == "internal":  # check_health raised: that engine is down
