@@ -13,7 +13,7 @@ from typing import AsyncIterator
 
 from raylm.cluster.config import EngineConfig
 from raylm.cluster.engine_core import EngineCore
-from raylm.cluster.errors import EngineDeadError, QueueFullError
+from raylm.cluster.errors import EngineDeadError, QueueFullError, RequestFailedError
 from raylm.cluster.outputs import RequestOutput
 from raylm.cluster.sampling_params import SamplingParams
 
@@ -134,6 +134,9 @@ class AsyncEngine:
                     logger.debug("aborted %s", item)
 
     def _deliver(self, out: RequestOutput) -> None:
+        if out.error is not None:
+            self._deliver_error(out.request_id, RequestFailedError(out.error))
+            return
         with self._lock:
             stream = self._streams.get(out.request_id)
             if out.finished:

@@ -51,6 +51,8 @@ class EngineCore:
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.num_aborted = 0  # requests ended by their caller (cancel, disconnect)
+        self.num_failed = 0  # requests ended by an error in their own processing
         logger.info("engine ready in %.1fs: %s, max_model_len %d, %d KV blocks -> max %.1f "
                     "concurrent sequences at full length", time.monotonic() - t0,
                     self.executor.model_path, self.max_model_len, num_blocks,
@@ -80,8 +82,9 @@ class EngineCore:
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; the model's context "
                              f"(max_model_len) is {self.max_model_len}, leaving no room to generate")
-        if not isinstance(priority, int):
+        if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an int, got {priority!r}")
+        self._check_fits(params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
@@ -92,6 +95,23 @@ class EngineCore:
             request.prompt_logprobs = [None]
             request.cache_salt = request_id  # cached positions would have no logits
         return request
+
+    def _check_fits(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot know: the vocabulary and this engine's batch size."""
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            # the sampler masks these ids while min_tokens is not reached
+            raise ValueError(f"stop_token_ids: {bad[0]} is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
+        max_seqs = self.config.scheduler.max_num_seqs
+        sizes = {"n": params.n, "num_beams": params.num_beams}
+        if params.sampling_type == "contrastive":
+            sizes["top_k"] = params.top_k  # one forked candidate sequence per top-k token
+        for name, value in sizes.items():
+            if value > max_seqs:
+                # all of a request's sequences run in the same steps
+                raise ValueError(f"{name} must be <= max_num_seqs ({max_seqs}) of this server, "
+                                 f"got {value}")
 
     def add_request(self, request: Request) -> None:
         limit = self.config.scheduler.max_queued_requests
@@ -109,27 +129,87 @@ class EngineCore:
         if request is None:
             return None
         request.aborted = True
+        self.num_aborted += 1
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
         request.finished_time = time.monotonic()
-        return make_request_output(request, final=True)
+        try:
+            return make_request_output(request, final=True)
+        except Exception:  # noqa: BLE001 - its caller is gone; the blocks are freed already
+            logger.exception("could not build the final output of aborted %s", request_id)
+            return None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
     # -- one step ---------------------------------------------------------------------------
     def step(self, emit_deltas: bool = True) -> list[RequestOutput]:
+        """One batch. A fault in one request's own work (its input, its sampled tokens, its
+        output) ends that request with an error output; only faults of the executor, which
+        runs the whole batch, propagate (the engine is then dead)."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        inp, groups, prompt_seqs = build_model_input(sched, self.kv.block_size)
+        failed: list[RequestOutput] = []
+        try:
+            inp, groups, prompt_seqs = build_model_input(sched, self.kv.block_size)
+        except Exception:  # noqa: BLE001 - find the request(s) at fault, run the rest
+            failed = self._fail_bad_inputs(sched)
+            if sched.is_empty:
+                return failed
+            inp, groups, prompt_seqs = build_model_input(sched, self.kv.block_size)
         out = self.executor.execute(inp)
         if out.prompt_logprobs:
             for seq, (start, *_), rows in zip(prompt_seqs, inp.prompt_logprob_rows,
                                               out.prompt_logprobs):
-                self._record_prompt_logprobs(seq, inp.positions[start], rows)
-        return self._update(sched, groups, out, emit_deltas)
+                self._guarded(seq.request, failed, self._record_prompt_logprobs,
+                              seq, inp.positions[start], rows)
+        outputs = self._update(sched, groups, out, emit_deltas, failed)
+        return failed + outputs
+
+    def _fail_bad_inputs(self, sched: SchedulerOutput) -> list[RequestOutput]:
+        """Build each scheduled sequence's input alone; fail the requests whose input cannot be
+        built and drop them from `sched` (copies into their freed blocks are harmless)."""
+        failed = []
+        for s in list(sched.scheduled):
+            request = s.seq.request
+            if request.is_finished:
+                continue
+            try:
+                build_model_input(SchedulerOutput(scheduled=[s]), self.kv.block_size)
+            except Exception as exc:  # noqa: BLE001 - this request's fault alone
+                failed.append(self._fail(request, exc))
+        sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
+        if not failed:
+            raise RuntimeError("the step's input failed to build, but no single request's did")
+        return failed
+
+    def _guarded(self, request: Request, failed: list[RequestOutput], fn, *args) -> bool:
+        """Run one request's piece of step work; on an exception fail that request alone."""
+        if request.is_finished:
+            return False
+        try:
+            fn(*args)
+            return True
+        except Exception as exc:  # noqa: BLE001 - reported to that request's caller
+            failed.append(self._fail(request, exc))
+            return False
+
+    def _fail(self, request: Request, exc: BaseException) -> RequestOutput:
+        """End a request after an unexpected error in its own processing; free its blocks."""
+        logger.error("request %s failed; the engine goes on", request.request_id, exc_info=exc)
+        self.requests.pop(request.request_id, None)
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "error")
+        request.finished_time = time.monotonic()
+        self.num_failed += 1
+        # No detokenizing here: that may be what failed. The message names no file or code.
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [],
+                             finished=True,
+                             error=f"the engine failed while processing this request "
+                                   f"({type(exc).__name__})")
 
     @staticmethod
     def _record_prompt_logprobs(seq: Sequence, first_pos: int, rows) -> None:
@@ -141,20 +221,22 @@ class EngineCore:
                 record.append(dict(zip(ids, values)))
 
     def _update(self, sched: SchedulerOutput, groups: list[SampleGroup], out,
-                emit_deltas: bool) -> list[RequestOutput]:
+                emit_deltas: bool, failed: list[RequestOutput]) -> list[RequestOutput]:
         now = time.monotonic()
         for s in sched.scheduled:
-            self.kv.cache_full_blocks(s.seq)
+            if not s.seq.is_finished:
+                self.kv.cache_full_blocks(s.seq)
         if out.token_hidden_states is not None:
             first = 0
             for span in prompt_hidden_spans(sched):
-                span.seq.request.decoder.on_prompt_hidden_states(
-                    span.seq, span.first_pos, out.token_hidden_states[first:first + span.num_rows])
+                rows = out.token_hidden_states[first:first + span.num_rows]
+                self._guarded(span.seq.request, failed, span.seq.request.decoder.on_prompt_hidden_states,
+                              span.seq, span.first_pos, rows)
                 first += span.num_rows
         touched: dict[str, Request] = {}
         for g in groups:
             seq, request = g.seq, g.seq.request
-            if seq.is_finished:
+            if seq.is_finished or request.is_finished:
                 continue
             rows = range(g.first_row, g.first_row + g.num_rows)
             tokens = [out.sampled_token_ids[r] for r in rows]
@@ -162,22 +244,34 @@ class EngineCore:
             hidden = out.hidden_states[g.first_row] if out.hidden_states is not None else None
             if request.first_token_time is None:
                 request.first_token_time = now
-            request.decoder.on_sampled(seq, tokens, lps, hidden, self)
-            touched[request.request_id] = request
+            if self._guarded(request, failed, request.decoder.on_sampled,
+                             seq, tokens, lps, hidden, self):
+                touched[request.request_id] = request
         outputs = []
         for request in touched.values():
-            if request.is_finished:
-                request.finished_time = now
-                self.requests.pop(request.request_id, None)
-                outputs.append(make_request_output(request, final=True))
-            elif emit_deltas:
-                request.num_unstreamed_steps += 1
-                first = request.num_unstreamed_steps == 1 and not request.streamed_any
-                if first or request.num_unstreamed_steps >= self.config.stream_interval:
-                    request.num_unstreamed_steps = 0
-                    request.streamed_any = True
-                    outputs.append(make_request_output(request, final=False))
+            if request.request_id not in self.requests:
+                continue  # failed after it was touched
+            try:
+                outputs.extend(self._request_output(request, now, emit_deltas))
+            except Exception as exc:  # noqa: BLE001 - e.g. detokenizing its text
+                failed.append(self._fail(request, exc))
         return outputs
+
+    def _request_output(self, request: Request, now: float, emit_deltas: bool
+                        ) -> list[RequestOutput]:
+        if request.is_finished:
+            request.finished_time = now
+            out = make_request_output(request, final=True)
+            self.requests.pop(request.request_id, None)
+            return [out]
+        if emit_deltas:
+            request.num_unstreamed_steps += 1
+            first = request.num_unstreamed_steps == 1 and not request.streamed_any
+            if first or request.num_unstreamed_steps >= self.config.stream_interval:
+                request.num_unstreamed_steps = 0
+                request.streamed_any = True
+                return [make_request_output(request, final=False)]
+        return []
 
     # -- EngineOps: how decoders change sequences --------------------------------------------
     def append_token(self, seq: Sequence, token: int, logprobs: Logprobs | None) -> bool:
@@ -221,6 +315,8 @@ class EngineCore:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_prompt_tokens": self.num_prompt_tokens,
             "num_generation_tokens": self.num_generation_tokens,
+            "num_aborted": self.num_aborted,
+            "num_failed": self.num_failed,
             **self.executor.get_stats(),
         }
 

@@ -47,6 +47,8 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
+    # Set when the engine failed this request alone (its other requests go on); finished is True.
+    error: str | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

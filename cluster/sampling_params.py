@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 MAX_LOGPROBS = 20  # the OpenAI API's limit on top-N logprobs per token
+# Bounds that keep one request from exhausting a replica's memory or CPU. The engine also caps
+# n and num_beams by its max_num_seqs (EngineCore.make_request): every sequence runs at once.
+MAX_N = 128  # outputs (n) and beams (num_beams) per request
+MAX_STOP_STRINGS = 64  # checked against the tail of every new token's text
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+# Token counts and top_k travel as 32-bit ints (proto, tensors); seeds as 64-bit.
+MAX_INT32 = 2**31 - 1
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 _DEFAULT_TEMPERATURE = 1.0
 
@@ -96,11 +106,19 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_number(value):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-            setattr(self, name, float(value))
+            try:
+                value = float(value)
+            except OverflowError:  # an int too large for a float
+                value = math.inf
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            setattr(self, name, value)
         for name in ("n", "top_k", "max_tokens", "min_tokens", "num_beams"):
             value = getattr(self, name)
             if not _is_int(value):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
+            if value > MAX_INT32:
+                raise ValueError(f"{name} must be <= {MAX_INT32}, got {value}")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -138,8 +156,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
 
     def _check_lengths(self) -> None:
         if self.max_tokens < 1:
@@ -152,13 +172,22 @@ class SamplingParams:
             )
 
     def _check_stops(self) -> None:
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} strings, "
+                             f"got {len(self.stop)}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} ids, "
+                             f"got {len(self.stop_token_ids)}")
         for s in self.stop:
             if not isinstance(s, str):
                 raise ValueError(f"stop must be a string or a list of strings, got item {s!r}")
             if not s:
                 raise ValueError("stop must not contain an empty string")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} "
+                                 f"characters, got one of {len(s)}")
         for t in self.stop_token_ids:
-            if not _is_int(t) or t < 0:
+            if not _is_int(t) or not 0 <= t <= MAX_INT32:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got item {t!r}")
 
     def _check_logprobs(self) -> None:
@@ -172,8 +201,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
 
     def _check_search(self) -> None:
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if not 1 <= self.num_beams <= MAX_N:
+            raise ValueError(f"num_beams must be in [1, {MAX_N}], got {self.num_beams}")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise ValueError(
                 f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
@@ -203,6 +232,10 @@ class SamplingParams:
                 raise ValueError(
                     f"top_k must be > 1 with penalty_alpha (contrastive search), got {self.top_k}"
                 )
+            if self.top_k > MAX_N:
+                # each candidate is a forked sequence
+                raise ValueError(f"top_k must be <= {MAX_N} with penalty_alpha (contrastive "
+                                 f"search), got {self.top_k}")
         if self.num_beams > 1 or self.penalty_alpha > 0.0:
             # Both searches score with the model's raw logprobs: a penalty would be ignored.
             mode = "beam search" if self.num_beams > 1 else "contrastive search"

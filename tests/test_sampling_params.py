@@ -49,7 +49,29 @@ INVALID = [
     ("seed", dict(seed="42")),
     ("seed", dict(seed=True)),
     ("ignore_eos", dict(ignore_eos="yes")),
-]
+    # one request must not be able to exhaust a replica (issue 15)
+    ("n", dict(n=2**32)),
+    ("n", dict(n=10**7)),
+    ("n", dict(n=100000)),
+    ("n", dict(n=129)),
+    ("n", dict(n=True)),
+    ("n", dict(n="4")),
+    ("max_tokens", dict(max_tokens="4")),
+    ("max_tokens", dict(max_tokens=2**63)),
+    ("num_beams", dict(num_beams=10**6)),
+    ("top_k", dict(top_k=2**70)),
+    ("top_k", dict(penalty_alpha=0.5, top_k=10**6)),
+    ("seed", dict(seed=2**80)),
+    ("stop", dict(stop=["x"] * 65)),
+    ("stop", dict(stop=["x" * 1025])),
+    ("stop_token_ids", dict(stop_token_ids=list(range(1025)))),
+    ("stop_token_ids", dict(stop_token_ids=[2**63])),
+    ("logprobs", dict(logprobs=True)),
+    ("temperature", dict(temperature=10**400)),
+] + [(name, {name: value}) for name in ("temperature", "top_p", "min_p", "repetition_penalty",
+                                        "presence_penalty", "frequency_penalty",
+                                        "length_penalty", "penalty_alpha")
+     for value in (float("nan"), float("inf"), float("-inf"))]
 
 
 @pytest.mark.parametrize("field,kwargs", INVALID, ids=[f"{f}-{k}" for f, k in INVALID])

@@ -155,3 +155,94 @@ def test_bad_flags_fail_before_starting_ray(flags, field):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
     assert field in proc.stderr
+
+
+def test_serve_with_an_api_key_on_loopback_stops_cleanly_on_sigterm(tiny_model):
+    """`--api-key` guards HTTP and gRPC; SIGTERM (docker stop) shuts Serve and Ray down, exit 0,
+    and leaves no Ray process behind."""
+    import grpc
+    import requests
+
+    from raylm.proto import generation_pb2 as pb
+    from raylm.proto import generation_pb2_grpc as pb_grpc
+
+    model = str(tiny_model("llama"))
+    http_port, grpc_port = _free_port(), _free_port()
+    proc, lines = _start(["--model", model, "--http-port", str(http_port), "--grpc-port",
+                          str(grpc_port), "--host", "127.0.0.1", "--api-key", "k3y",
+                          "--num-cpus", "2", "--dtype", "float32", "--device", "cpu",
+                          "--kv-cache-memory", str(32 << 20), "--max-num-seqs", "8"])
+    children = []
+    try:
+        output = _wait_for(lines, "Press Ctrl+C", timeout_s=240)
+        assert any("API key required" in line for line in output)
+        children = _descendants(proc.pid)
+        url = f"http://127.0.0.1:{http_port}"
+        body = {"prompt": "Hello", "max_tokens": 2}
+        assert requests.post(url + "/v1/completions", json=body, timeout=60).status_code == 401
+        ok = requests.post(url + "/v1/completions", json=body, timeout=60,
+                           headers={"Authorization": "Bearer k3y"})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+        assert requests.get(url + "/health", timeout=60).status_code == 200
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            request = pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingOptions(max_tokens=2))
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Generate(request, metadata=(("application", "raylm"),))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            reply = stub.Generate(request, metadata=(("application", "raylm"),
+                                                     ("authorization", "Bearer k3y")))
+            assert len(reply.choices[0].token_ids) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert rc == 0, "".join(_drain(lines))
+    assert children
+    assert _wait_gone(children, timeout_s=30) == [], "Ray processes left running"
+
+
+def _drain(lines: queue.Queue) -> list[str]:
+    out = []
+    while not lines.empty():
+        out.append(lines.get())
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids under `pid` (from /proc), Ray's raylet, GCS and workers among them."""
+    import os
+
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == parent]
+        found += kids
+        frontier += kids
+    return found
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    """The pids still running (not zombies) after `timeout_s`."""
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.5)
+    return [p for p in pids if alive(p)]

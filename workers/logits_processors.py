@@ -133,6 +133,8 @@ def mask_token_ids(
 ) -> torch.Tensor:
     """Set each row's listed token ids to -inf (e.g. EOS before `min_tokens`). Returns a new tensor."""
     vocab = logits.shape[1]
+    # Ids outside the vocabulary cannot be sampled anyway; scatter would fail on them.
+    token_ids = [[t for t in row if 0 <= t < vocab] for row in token_ids]
     ids = pad_token_ids(token_ids, vocab, logits.device)  # [num_rows, max_len]
     mask = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
     mask.scatter_(1, ids, True)

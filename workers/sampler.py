@@ -164,6 +164,7 @@ def gather_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # both [num_rows, 1 + num_top]
     """The chosen token's logprob first, then the `num_top` best of the row."""
     chosen = logprobs.gather(1, token_ids.unsqueeze(1))  # [num_rows, 1]
+    num_top = min(num_top, logprobs.shape[1])  # a small vocabulary has fewer than asked
     if num_top == 0:
         return token_ids.unsqueeze(1), chosen
     top_values, top_ids = logprobs.topk(num_top, dim=-1)  # [num_rows, num_top]

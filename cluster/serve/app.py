@@ -10,9 +10,11 @@ from typing import Any
 from ray import serve
 
 from raylm.cluster.serve.ingress import Ingress
+from raylm.cluster.serve.limits import DEFAULT_MAX_REQUEST_BYTES, api_key_from_env
 from raylm.cluster.serve.llm_server import LLMServer
 
-GRPC_SERVICER_FUNCTIONS = ["raylm.proto.generation_pb2_grpc.add_GenerationServicer_to_server"]
+# raylm.v1.Generation with lenient parsing, plus grpc.health.v1 and reflection v1
+GRPC_SERVICER_FUNCTIONS = ["raylm.cluster.serve.grpc_services.add_raylm_services"]
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 9000
 
@@ -66,6 +68,10 @@ class AppConfig:
     max_replicas: int = 1
     target_ongoing_requests: float = 16.0
     max_ongoing_requests: int = 256
+    # front door (see README "Security and limits")
+    api_key: str | None = None  # None: the RAYLM_API_KEY environment variable, if set
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # HTTP bodies (gRPC: RAYLM_MAX_REQUEST_BYTES)
+    docs: bool | None = None  # /docs, /redoc, /openapi.json; None: on unless an API key is set
 
     def __post_init__(self) -> None:
         for name in ("block_size", "tensor_parallel_size", "min_replicas", "max_replicas",
@@ -85,6 +91,11 @@ class AppConfig:
         if self.num_gpus_per_rank is None:
             object.__setattr__(self, "num_gpus_per_rank",
                                1.0 if self.device.startswith("cuda") else 0.0)
+        if not isinstance(self.max_request_bytes, int) or self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be a positive integer, "
+                             f"got {self.max_request_bytes!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ValueError("api_key must be a non-empty string")
         if self.num_cpus_per_rank is None:
             on_gpu = self.num_gpus_per_rank > 0 or self.device.startswith("cuda")
             object.__setattr__(self, "num_cpus_per_rank",
@@ -100,6 +111,11 @@ class AppConfig:
         if unknown:
             raise ValueError(f"{unknown[0]}: unknown raylm app argument (known: {sorted(known)})")
         return cls(**args)
+
+    def ingress_options(self) -> dict[str, Any]:
+        api_key = self.api_key or api_key_from_env()
+        docs = self.docs if self.docs is not None else api_key is None
+        return {"api_key": api_key, "max_request_bytes": self.max_request_bytes, "docs": docs}
 
     def engine_args(self) -> dict[str, Any]:
         engine_fields = ("model", "dtype", "device", "max_model_len", "gpu_memory_utilization",
@@ -141,4 +157,4 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         ray_actor_options=config.replica_actor_options(),
         max_ongoing_requests=config.max_ongoing_requests,
     ).bind(config.engine_args())
-    return Ingress.bind(llm_server)
+    return Ingress.bind(llm_server, config.ingress_options())

@@ -3,15 +3,25 @@ OpenAI error type. Errors cross the Ray boundary from LLMServer to the ingress a
 (`{"error": {...}}`), never as pickled exceptions, so the ingress can map them exactly."""
 from __future__ import annotations
 
+import logging
 import re
+
 import grpc
 
-from raylm.cluster.errors import EngineDeadError, QueueFullError
+from raylm.cluster.errors import EngineDeadError, QueueFullError, RequestFailedError
+
+logger = logging.getLogger(__name__)
+
+# What a client reads for an error nobody anticipated: the details (exception text, file paths)
+# go to the server log only.
+INTERNAL_MESSAGE = "internal server error (the details are in the server log)"
 
 # kind -> (HTTP status, gRPC status code, OpenAI error type)
 _KINDS: dict[str, tuple[int, grpc.StatusCode, str]] = {
     "invalid_argument": (400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error"),
+    "unauthenticated": (401, grpc.StatusCode.UNAUTHENTICATED, "authentication_error"),
     "not_found": (404, grpc.StatusCode.NOT_FOUND, "not_found_error"),
+    "too_large": (413, grpc.StatusCode.RESOURCE_EXHAUSTED, "invalid_request_error"),
     "resource_exhausted": (429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit_error"),
     "cancelled": (499, grpc.StatusCode.CANCELLED, "cancelled"),
     "unavailable": (503, grpc.StatusCode.UNAVAILABLE, "service_unavailable_error"),
@@ -29,6 +39,10 @@ class ServeError(Exception):
 
     def __init__(self, kind: str, message: str, param: str | None = None) -> None:
         assert kind in _KINDS, kind
+        # Messages may quote client text: never let a lone surrogate break the error response.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        if param is not None:
+            param = param.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(kind, message, param)
         self.kind, self.message, self.param = kind, message, param
 
@@ -69,4 +83,7 @@ def error_from_exception(exc: BaseException) -> ServeError:
         message = str(exc)
         match = _FIELD_RE.match(message)
         return ServeError("invalid_argument", message, match.group(1) if match else None)
-    return ServeError("internal", f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, RequestFailedError):
+        return ServeError("internal", str(exc))  # written for clients: names no file or code
+    logger.error("unexpected error", exc_info=exc)
+    return ServeError("internal", INTERNAL_MESSAGE)

@@ -4,6 +4,8 @@ methods, both forwarding to LLMServer through a streaming DeploymentHandle.
 No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime
 through Serve's class-based view, and string annotations would turn bodies into query params."""
 
+import asyncio
+import logging
 import time
 from typing import Any, AsyncIterator
 
@@ -11,22 +13,41 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 
-from raylm.cluster.serve import grpc_servicer, openai_routes
-from raylm.cluster.serve.errors import ServeError
+from raylm.cluster.errors import EngineDeadError
+from raylm.cluster.serve import grpc_servicer, http_guard, openai_routes
+from raylm.cluster.serve.errors import ServeError, error_from_exception
+from raylm.cluster.serve.grpc_services import InvalidMessage
 from raylm.cluster.serve.protocol import ChatCompletionRequest, CompletionRequest
 from raylm.proto import generation_pb2 as pb
 
+logger = logging.getLogger(__name__)
+
 app = FastAPI(title="raylm", description="OpenAI-compatible API of a raylm server")
+app.add_middleware(http_guard.RequestGuard)
+
+HEALTH_TIMEOUT_S = 5.0
+_UNAVAILABLE = "the model replica is unavailable; retry shortly"
+_HTTP_KINDS = {401: "unauthenticated", 404: "not_found", 413: "too_large"}
 
 
 @app.exception_handler(ServeError)
 async def _serve_error(_: Request, err: ServeError) -> JSONResponse:
     return JSONResponse(err.openai_body(), status_code=err.http_status)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own errors (404 route, 405 method, 413 body) in OpenAI's error shape."""
+    err = ServeError(_HTTP_KINDS.get(exc.status_code, "invalid_argument"), str(exc.detail))
+    body = err.openai_body()
+    body["error"]["code"] = exc.status_code
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -40,15 +61,20 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 
 def _handle_error(exc: BaseException) -> ServeError:
+    """Any failure on the way to LLMServer as a ServeError whose message is fit for a client:
+    details (exception text, hosts, paths) stay in the server log."""
+    if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
+        exc = exc.cause
     if isinstance(exc, ServeError):
         return exc
     if isinstance(exc, BackPressureError):
         return ServeError("resource_exhausted", "the server is overloaded, retry later")
     if isinstance(exc, RequestCancelledError):
         return ServeError("cancelled", "the request was cancelled")
-    if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
-        return ServeError("unavailable", f"the model replica is unavailable: {exc}")
-    return ServeError("internal", f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, (RayActorError, DeploymentUnavailableError, EngineDeadError)):
+        logger.warning("model replica unavailable: %s", exc)
+        return ServeError("unavailable", _UNAVAILABLE)
+    return error_from_exception(exc)
 
 
 def _set_status(grpc_context: "RayServegRPCContext", err: ServeError) -> None:
@@ -61,9 +87,13 @@ def _set_status(grpc_context: "RayServegRPCContext", err: ServeError) -> None:
 @serve.deployment(name="Ingress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, llm_server: DeploymentHandle) -> None:
+    def __init__(self, llm_server: DeploymentHandle, options: dict[str, Any] | None = None) -> None:
+        """`options`: api_key (None = open), max_request_bytes, docs (serve /docs, /redoc and
+        /openapi.json)."""
         self._llm = llm_server
         self._info: dict[str, Any] | None = None
+        self._guard = http_guard.GuardSettings(**(options or {}))
+        http_guard.configure(self._guard)
 
     async def _model_info(self) -> dict[str, Any]:
         if self._info is None:
@@ -85,19 +115,42 @@ class Ingress:
                 stream.cancel()
 
     async def _start(self, request: dict[str, Any]) -> tuple[dict[str, Any], AsyncIterator[dict]]:
+        items = self._items(request)
         try:
-            return await openai_routes.start_stream(self._items(request))
+            return await openai_routes.start_stream(items)
         except StopAsyncIteration as exc:
-            raise ServeError("internal", "the model server ended the stream without output") from exc
+            raise ServeError("unavailable", "the model server ended the stream without output") from exc
+        except BaseException:
+            await items.aclose()
+            raise
+
+    async def _start_all(self, requests: list[dict[str, Any]]) -> list[tuple[dict, AsyncIterator]]:
+        """Start every prompt of a batch; if one fails, cancel those already started."""
+        starts = []
+        try:
+            for r in requests:
+                starts.append(await self._start(r))
+        except BaseException:
+            for _, rest in starts:
+                await rest.aclose()
+            raise
+        return starts
 
     # --- OpenAI HTTP --------------------------------------------------------------------------
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
+        """200 while a replica's engine passes its health check (its step loop is alive)."""
         try:
-            await self._llm.model_info.remote()
+            # while no replica is up, a handle call waits for one: a probe needs an answer now
+            await asyncio.wait_for(self._llm.check_health.remote(), HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return JSONResponse(ServeError("unavailable", "no model replica answered within "
+                                           f"{HEALTH_TIMEOUT_S:.0f}s").openai_body(), status_code=503)
         except Exception as exc:
             err = _handle_error(exc)
+            if err.kind == "internal":  # check_health raised: that engine is down
+                err = ServeError("unavailable", _UNAVAILABLE)
             return JSONResponse(err.openai_body(), status_code=503)
         return JSONResponse({"status": "ok"})
 
@@ -111,12 +164,16 @@ class Ingress:
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
         model = (await self._model_info())["model"]
-        starts = [await self._start(r) for r in body.to_requests()]
+        starts = await self._start_all(body.to_requests())
         if body.stream:
             return StreamingResponse(
                 openai_routes.completion_stream(starts, body.n, model, body.include_usage),
                 media_type="text/event-stream")
-        return JSONResponse(await openai_routes.completion_response(starts, body.n, model))
+        try:
+            return JSONResponse(await openai_routes.completion_response(starts, body.n, model))
+        finally:  # one prompt failed: the others stop too
+            for _, rest in starts:
+                await rest.aclose()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
@@ -126,13 +183,28 @@ class Ingress:
             return StreamingResponse(
                 openai_routes.chat_stream(first, rest, model, body.include_usage),
                 media_type="text/event-stream")
-        return JSONResponse(await openai_routes.chat_response(first, rest, model))
+        try:
+            return JSONResponse(await openai_routes.chat_response(first, rest, model))
+        finally:
+            await rest.aclose()
 
     # --- gRPC: raylm.v1.Generation -------------------------------------------------------------
 
+    def _check_grpc(self, request: Any, grpc_context: "RayServegRPCContext") -> None:
+        """The API key (metadata `authorization: Bearer <key>`) and a parseable message."""
+        if self._guard.api_key is not None:
+            metadata = dict(grpc_context.invocation_metadata())
+            if not http_guard.bearer_token_ok(metadata.get("authorization"), self._guard.api_key):
+                raise ServeError("unauthenticated", "a valid API key is required: send metadata "
+                                                    "'authorization: Bearer <key>'")
+        if isinstance(request, InvalidMessage):
+            raise ServeError(request.kind, request.message)
+
     async def Generate(self, request: "pb.GenerateRequest",
                        grpc_context: "RayServegRPCContext") -> "pb.GenerateResponse":
+        rest = None
         try:
+            self._check_grpc(request, grpc_context)
             first, rest = await self._start(grpc_servicer.generate_request(request))
             collector = grpc_servicer.UnaryCollector((await self._model_info())["model"])
             collector.add(first)
@@ -141,33 +213,53 @@ class Ingress:
                     raise ServeError.from_dict(item)
                 collector.add(item)
             return collector.response()
-        except ServeError as err:
-            _set_status(grpc_context, err)
+        except Exception as exc:
+            _set_status(grpc_context, _handle_error(exc))
             return pb.GenerateResponse()
+        finally:
+            if rest is not None:
+                await rest.aclose()  # cancelled or failed: the engine aborts the request now
 
     async def GenerateStream(self, request: "pb.GenerateRequest",
                              grpc_context: "RayServegRPCContext") -> "AsyncIterator[pb.GenerateStreamResponse]":
+        rest = None
         try:
+            self._check_grpc(request, grpc_context)
             first, rest = await self._start(grpc_servicer.generate_request(request))
             yield grpc_servicer.stream_response(first)
             async for item in rest:
                 if "error" in item:
                     raise ServeError.from_dict(item)
                 yield grpc_servicer.stream_response(item)
-        except ServeError as err:
+        except Exception as exc:
             # a streamed status only reaches the proxy with a message or an exception; Serve
             # keeps the code set on the context when the method raises
+            err = _handle_error(exc)
             _set_status(grpc_context, err)
-            raise
+            raise err from None
+        finally:
+            # Serve throws CancelledError in here when the client cancels: close the upstream
+            # stream now rather than whenever the garbage collector gets to it
+            if rest is not None:
+                await rest.aclose()
 
     async def Tokenize(self, request: "pb.TokenizeRequest",
                        grpc_context: "RayServegRPCContext") -> "pb.TokenizeResponse":
-        result = await self._llm.tokenize.remote(grpc_servicer.tokenize_request(request))
-        if "error" in result:
-            _set_status(grpc_context, ServeError.from_dict(result))
+        try:
+            self._check_grpc(request, grpc_context)
+            result = await self._llm.tokenize.remote(grpc_servicer.tokenize_request(request))
+            if "error" in result:
+                raise ServeError.from_dict(result)
+        except Exception as exc:
+            _set_status(grpc_context, _handle_error(exc))
             return pb.TokenizeResponse()
         return pb.TokenizeResponse(token_ids=result["token_ids"], tokens=result["tokens"])
 
     async def GetModelInfo(self, request: "pb.GetModelInfoRequest",
                            grpc_context: "RayServegRPCContext") -> "pb.ModelInfo":
-        return grpc_servicer.model_info(await self._model_info())
+        try:
+            self._check_grpc(request, grpc_context)
+            return grpc_servicer.model_info(await self._model_info())
+        except Exception as exc:
+            _set_status(grpc_context, _handle_error(exc))
+            return pb.ModelInfo()

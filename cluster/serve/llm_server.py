@@ -22,6 +22,18 @@ from raylm.cluster.serve.metrics import ServerMetrics
 logger = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 1.0  # how often the replica publishes engine gauges
+# Text longer than max_model_len * this many characters cannot fit the context: real tokens
+# average 3-5 characters, the longest (runs of spaces or dashes) a few dozen.
+MAX_CHARS_PER_TOKEN = 64
+
+
+def check_text(name: str, value: str) -> None:
+    """Reject text that is not valid Unicode (JSON can carry lone surrogates; they cannot be
+    tokenized or encoded back into a response)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name}: the text is not valid Unicode (a lone surrogate)") from None
 
 
 def resolve_model(model: str | None) -> str:
@@ -70,7 +82,9 @@ class LLMServer:
     # --- generation ---------------------------------------------------------------------------
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream one request's step items (see the module docstring)."""
+        """Stream one request's step items (see the module docstring). Every failure, before
+        or after the first token, ends the stream with one error item: the stream never breaks
+        without saying why."""
         self._ensure_stats_task()
         try:
             prompt = self._prompt(request)
@@ -79,55 +93,58 @@ class LLMServer:
         except Exception as exc:  # bad input: one error item, the stream ends
             yield error_from_exception(exc).to_dict()
             return
-        request_id = request.get("request_id") or uuid.uuid4().hex
+        # The engine's id is ours alone: a client reusing its id cannot touch another request.
+        engine_id = uuid.uuid4().hex
+        client_id = request.get("request_id") or engine_id
         num_logprobs = sampling.logprobs
         timer = self.metrics.timer()
-        stream = self.engine.generate(prompt, sampling, request_id=request_id,
-                                      priority=int(request.get("priority", 0)))
         finished = False
-        started = False
+        stream = self.engine.generate(prompt, sampling, request_id=engine_id,
+                                      priority=int(request.get("priority", 0)))
         try:
             async for out in stream:
-                started = True
-                choices = []
-                for comp in out.outputs:
-                    if not comp.delta_token_ids and not comp.delta_text and comp.finish_reason is None:
-                        continue
-                    choices.append({
-                        "index": comp.index,
-                        "text": comp.delta_text,
-                        "token_ids": list(comp.delta_token_ids),
-                        "logprobs": self._logprobs(comp.delta_token_ids, comp.delta_logprobs,
-                                                   num_logprobs),
-                        "finish_reason": comp.finish_reason,
-                    })
-                timer.on_tokens(sum(len(c["token_ids"]) for c in choices))
+                item = self._step_item(out, client_id, num_logprobs)
+                timer.on_tokens(sum(len(c["token_ids"]) for c in item["choices"]))
                 finished = out.finished
-                if not choices and not finished:
+                if not item["choices"] and not finished:
                     continue
-                yield {
-                    "request_id": request_id,
-                    "prompt_tokens": len(out.prompt_token_ids),
-                    "cached_tokens": out.num_cached_tokens,
-                    "completion_tokens": out.num_generated_tokens,
-                    "finished": finished,
-                    "choices": choices,
-                }
+                yield item
                 if finished:
                     timer.on_finish(out.outputs[0].finish_reason if out.outputs else None)
-        except Exception as exc:
-            if started:
-                raise
-            # the engine validates when the stream starts: report it as a typed error item
+        except Exception as exc:  # the engine refused it, failed it, or died
             yield error_from_exception(exc).to_dict()
         finally:
             if not finished:
                 # client gone or cancelled: make sure the engine frees the request's blocks
                 await _quietly(stream.aclose())
-                await _quietly(self.engine.abort(request_id))
+                await _quietly(self.engine.abort(engine_id))
+
+    def _step_item(self, out, client_id: str, num_logprobs: int | None) -> dict[str, Any]:
+        choices = []
+        for comp in out.outputs:
+            if not comp.delta_token_ids and not comp.delta_text and comp.finish_reason is None:
+                continue
+            choices.append({
+                "index": comp.index,
+                "text": comp.delta_text,
+                "token_ids": list(comp.delta_token_ids),
+                "logprobs": self._logprobs(comp.delta_token_ids, comp.delta_logprobs,
+                                           num_logprobs),
+                "finish_reason": comp.finish_reason,
+            })
+        return {
+            "request_id": client_id,
+            "prompt_tokens": len(out.prompt_token_ids),
+            "cached_tokens": out.num_cached_tokens,
+            "completion_tokens": out.num_generated_tokens,
+            "finished": out.finished,
+            "choices": choices,
+        }
 
     def _prompt(self, request: dict[str, Any]) -> str | list[int]:
         model = request.get("model")
+        if model is not None:
+            check_text("model", model)
         if model and model != self.model_name:
             raise ServeError("not_found", f"model '{model}' is not served here; this server "
                              f"serves '{self.model_name}'", "model")
@@ -139,14 +156,28 @@ class LLMServer:
         if request.get("prompt") is not None:
             if not isinstance(request["prompt"], str) or not request["prompt"]:
                 raise ValueError("prompt must be a non-empty string")
+            check_text("prompt", request["prompt"])
+            self._check_chars("prompt", len(request["prompt"]))
             return request["prompt"]
         if request.get("prompt_token_ids") is not None:
-            ids = [int(t) for t in request["prompt_token_ids"]]
+            ids = request["prompt_token_ids"]
             vocab = len(self.tokenizer)
-            if not ids or any(t < 0 or t >= vocab for t in ids):
+            if (not isinstance(ids, list) or not ids
+                    or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+                raise ValueError("prompt_token_ids must be a non-empty list of integers")
+            if any(t < 0 or t >= vocab for t in ids):
                 raise ValueError(f"prompt_token_ids must be a non-empty list of ids in [0, {vocab})")
             return ids
         return self.render_chat(request["messages"], request.get("add_generation_prompt", True))
+
+    def _check_chars(self, name: str, num_chars: int) -> None:
+        """Refuse text that cannot fit the context before tokenizing it: tokenizing megabytes
+        takes seconds of this replica's event loop, which every stream shares."""
+        limit = self.engine.max_model_len * MAX_CHARS_PER_TOKEN
+        if num_chars > limit:
+            raise ValueError(f"{name}: {num_chars} characters cannot fit the model's context of "
+                             f"{self.engine.max_model_len} tokens (at most {limit} characters "
+                             f"are accepted)")
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of chat messages rendered with the model's chat template."""
@@ -155,6 +186,9 @@ class LLMServer:
         for m in messages:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError("messages: each message needs a string role and content")
+            check_text("messages", m["role"])
+            check_text("messages", m["content"])
+        self._check_chars("messages", sum(len(m["content"]) for m in messages))
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("messages: the model has no chat template; send a prompt instead")
         text = self.tokenizer.apply_chat_template(messages, tokenize=False,
@@ -198,6 +232,7 @@ class LLMServer:
             if request.get("messages") is not None:
                 ids = self.render_chat(request["messages"], request.get("add_generation_prompt", True))
             elif isinstance(request.get("text"), str):
+                self._check_chars("text", len(request["text"]))
                 ids = list(self.tokenizer(request["text"], add_special_tokens=request.get(
                     "add_special_tokens", True))["input_ids"])
             else:

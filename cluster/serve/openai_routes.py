@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from raylm.cluster.serve.errors import ServeError
+from raylm.cluster.serve.errors import ServeError, error_from_exception
 
 ItemStream = AsyncIterator[dict[str, Any]]
 
@@ -106,8 +106,38 @@ async def completion_response(starts: list[tuple[dict, ItemStream]], n: int, mod
             "usage": _usage(prompt_tokens, acc.completion_tokens, cached)}
 
 
-async def completion_stream(starts: list[tuple[dict, ItemStream]], n: int, model: str,
-                            include_usage: bool) -> AsyncIterator[str]:
+async def _ending_with_error(chunks: AsyncIterator[str], streams: list[ItemStream]
+                             ) -> AsyncIterator[str]:
+    """An SSE stream that fails after its first bytes cannot change its status: it ends with
+    an error event (OpenAI's error body) and `data: [DONE]`, so a client knows it is cut short.
+    The upstream streams are closed however it ends (the engine aborts what is left)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except ServeError as err:
+        yield _sse(err.openai_body())
+        yield SSE_DONE
+    except Exception as exc:  # noqa: BLE001 - never a stream cut without a word
+        yield _sse(error_from_exception(exc).openai_body())
+        yield SSE_DONE
+    finally:
+        for stream in streams:
+            await stream.aclose()
+
+
+def completion_stream(starts: list[tuple[dict, ItemStream]], n: int, model: str,
+                      include_usage: bool) -> AsyncIterator[str]:
+    return _ending_with_error(_completion_chunks(starts, n, model, include_usage),
+                              [rest for _, rest in starts])
+
+
+def chat_stream(first: dict, rest: ItemStream, model: str, include_usage: bool
+                ) -> AsyncIterator[str]:
+    return _ending_with_error(_chat_chunks(first, rest, model, include_usage), [rest])
+
+
+async def _completion_chunks(starts: list[tuple[dict, ItemStream]], n: int, model: str,
+                             include_usage: bool) -> AsyncIterator[str]:
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prompt_tokens = completion_tokens = cached = 0
     for prompt_index, (first, rest) in enumerate(starts):
@@ -141,8 +171,8 @@ async def chat_response(first: dict, rest: ItemStream, model: str) -> dict:
             "usage": _usage(acc.prompt_tokens, acc.completion_tokens, acc.cached_tokens)}
 
 
-async def chat_stream(first: dict, rest: ItemStream, model: str, include_usage: bool
-                      ) -> AsyncIterator[str]:
+async def _chat_chunks(first: dict, rest: ItemStream, model: str, include_usage: bool
+                       ) -> AsyncIterator[str]:
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(choices: list[dict], **extra: Any) -> str:

@@ -7,9 +7,39 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from raylm.cluster.serve.errors import ServeError
+
+
+def _check_unicode(value: Any) -> None:
+    """JSON can carry lone surrogates ("\\ud800"): no tokenizer or response encoder takes them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the text is not valid Unicode (a lone surrogate)") from None
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_unicode(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_unicode(item)
+
+
+class _Strict(BaseModel):
+    """No coercion (`"4"` is not 4, `true` is not 1), no NaN or infinities, valid Unicode."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        _check_unicode(value)
+        return value
+
+MAX_CHOICES = 1024  # prompts x n of one completions request (each is an engine request)
 
 _SAMPLING_FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -18,11 +48,11 @@ _SAMPLING_FIELDS = (
 )
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _SamplingBody(BaseModel):
+class _SamplingBody(_Strict):
     model: str | None = None
     n: int = 1
     temperature: float | None = None
@@ -81,6 +111,11 @@ class CompletionRequest(_SamplingBody):
                          "of token ids or a list of token id lists, and not empty", "prompt")
 
     def to_requests(self) -> list[dict[str, Any]]:
+        num_choices = len(self.prompts()) * self.n
+        if num_choices > MAX_CHOICES:
+            raise ServeError("invalid_argument", f"prompt: {len(self.prompts())} prompts x n="
+                             f"{self.n} is {num_choices} choices; at most {MAX_CHOICES} per "
+                             f"request", "prompt")
         for name in ("echo", "suffix"):
             if getattr(self, name):
                 raise ServeError("invalid_argument", f"{name} is not supported", name)
@@ -94,7 +129,7 @@ class CompletionRequest(_SamplingBody):
         return [{**inp, "model": self.model, "sampling": sampling} for inp in self.prompts()]
 
 
-class ChatMessageBody(BaseModel):
+class ChatMessageBody(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[str, list[dict[str, Any]], None] = None
 

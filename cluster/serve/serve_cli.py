@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from raylm.cluster.serve.limits import DEFAULT_MAX_REQUEST_BYTES, api_key_from_env, export_limits
+
 APP_NAME = "raylm"
 APP_IMPORT_PATH = "raylm.cluster.serve.app:build_app"
 
@@ -31,7 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autoscaling target of in-flight requests per replica")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=9000)
-    parser.add_argument("--host", default="0.0.0.0", help="HTTP bind address")
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="address the HTTP port binds (and, for a local Ray, the node's "
+                             "address); see README 'Security and limits' for what else listens")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on HTTP and gRPC metadata "
+                             "'authorization: Bearer KEY' (default: $RAYLM_API_KEY; /health "
+                             "stays open)")
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="largest HTTP body / gRPC message accepted (413 / RESOURCE_EXHAUSTED)")
+    parser.add_argument("--disable-docs", action="store_true",
+                        help="turn off /docs, /redoc and /openapi.json (off anyway with an API key)")
     parser.add_argument("--config", default=None, type=Path,
                         help="a Serve config file (deploy/serve_config.yaml); overrides the flags "
                              "above except --address")
@@ -69,7 +81,13 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
         "stream_interval": args.stream_interval, "kv_cache_dtype": args.kv_cache_dtype,
         "tensor_parallel_size": args.tp, "min_replicas": args.min_replicas,
         "max_replicas": args.max_replicas, "target_ongoing_requests": args.target_ongoing_requests,
+        "api_key": args.api_key or api_key_from_env(), "max_request_bytes": args.max_request_bytes,
+        "docs": False if args.disable_docs else None,
     }
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    if args.grpc_port < 0:
+        raise ValueError(f"--grpc-port must be >= 0 (0 turns gRPC off), got {args.grpc_port}")
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -107,9 +125,10 @@ def _deploy_from_flags(args: argparse.Namespace) -> tuple[int, int, list[str]]:
     from raylm.cluster.serve.app import GRPC_SERVICER_FUNCTIONS, build_app
 
     app = build_app(app_args(args))
+    # Serve starts no gRPC server without servicer functions: --grpc-port 0 turns gRPC off.
+    servicers = GRPC_SERVICER_FUNCTIONS if args.grpc_port else []
     serve.start(http_options={"host": args.host, "port": args.http_port},
-                grpc_options={"port": args.grpc_port,
-                              "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
+                grpc_options={"port": args.grpc_port, "grpc_servicer_functions": servicers})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     return args.http_port, args.grpc_port, [APP_NAME]
 
@@ -122,11 +141,15 @@ def run(args: argparse.Namespace) -> int:
     if config is None:
         app_args(args)  # flag errors before Ray starts
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     started_ray = not ray.is_initialized()
     if started_ray:
+        if args.address is None:  # the Ray processes we start (the gRPC proxy) inherit these
+            export_limits(args.max_request_bytes)
         ray.init(address=args.address, num_cpus=args.num_cpus if args.address is None else None,
-                 include_dashboard=False, log_to_driver=False)
+                 include_dashboard=False, log_to_driver=False, **_node_address(args))
+    # After ray.init, which installs its own SIGTERM handler (it exits the driver at once):
+    # SIGTERM (docker stop, Kubernetes) shuts down like Ctrl+C, Serve and Ray first.
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if config is not None:
             http_port, grpc_port, names = _deploy_from_config(config)
@@ -136,8 +159,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"raylm serving model {model!r}", flush=True)
         print(f"  OpenAI HTTP: http://127.0.0.1:{http_port}/v1  (GET /v1/models, POST /v1/completions, "
               f"/v1/chat/completions; GET /health)", flush=True)
-        print(f"  gRPC:        127.0.0.1:{grpc_port}  raylm.v1.Generation (metadata application="
-              f"{names[0]}; reflection on)", flush=True)
+        if grpc_port:
+            print(f"  gRPC:        127.0.0.1:{grpc_port}  raylm.v1.Generation (metadata application="
+                  f"{names[0]}; grpc.health.v1; reflection on)", flush=True)
+        else:
+            print("  gRPC:        off (--grpc-port 0)", flush=True)
+        if config is None and app_args(args).get("api_key"):
+            print("  API key required: 'Authorization: Bearer <key>' (gRPC metadata "
+                  "'authorization'); /health and gRPC health stay open", flush=True)
         print("Press Ctrl+C to stop.", flush=True)
         while not stop.wait(0.5):
             pass
@@ -149,6 +178,20 @@ def run(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _node_address(args: argparse.Namespace) -> dict[str, Any]:
+    """A local Ray started for a specific --host (say 127.0.0.1) advertises that address, so
+    Serve's proxies and Ray's node services use it rather than the machine's public one."""
+    import ipaddress
+
+    if args.address is not None:
+        return {}
+    try:
+        ip = ipaddress.ip_address(args.host)
+    except ValueError:
+        return {}
+    return {} if ip.is_unspecified else {"_node_ip_address": str(ip)}
 
 
 def _model_name(app_name: str) -> str:
