@@ -32,6 +32,21 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel degree (ranks run as Ray worker actors when > 1)")
+    p.add_argument("--speculative-config", type=json_dict, default=None,
+                   help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4}\'')
+
+
+def json_dict(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -39,7 +54,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
                 enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-                tensor_parallel_size=args.tp)
+                tensor_parallel_size=args.tp, speculative_config=args.speculative_config)
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from raylm.cluster.outputs import RequestOutput
 from raylm.cluster.request import Request, Sequence
 from raylm.cluster.sampling_params import SamplingParams
 from raylm.cluster.scheduler import Scheduler, SchedulerOutput
+from raylm.cluster.speculation import Speculator
 from raylm.cluster.stop_checker import StopChecker
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.stop_checker = StopChecker(self.tokenizer, self.max_model_len)
+        self.speculator = (Speculator(config.speculative, self.max_model_len)
+                           if config.speculative is not None else None)
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.executor.model_path)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -148,6 +151,8 @@ class EngineCore:
         """One batch. A fault in one request's own work (its input, its sampled tokens, its
         output) ends that request with an error output; only faults of the executor, which
         runs the whole batch, propagate (the engine is then dead)."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -224,7 +229,7 @@ class EngineCore:
                 emit_deltas: bool, failed: list[RequestOutput]) -> list[RequestOutput]:
         now = time.monotonic()
         for s in sched.scheduled:
-            if not s.seq.is_finished:
+            if not s.seq.is_finished and not s.seq.spec_token_ids:  # speculators: after accept
                 self.kv.cache_full_blocks(s.seq)
         if out.token_hidden_states is not None:
             first = 0
@@ -244,8 +249,13 @@ class EngineCore:
             hidden = out.hidden_states[g.first_row] if out.hidden_states is not None else None
             if request.first_token_time is None:
                 request.first_token_time = now
-            if self._guarded(request, failed, request.decoder.on_sampled,
-                             seq, tokens, lps, hidden, self):
+            if g.spec_token_ids:
+                done = self._guarded(request, failed, self.speculator.accept, seq, tokens, self,
+                                     self.kv)
+            else:
+                done = self._guarded(request, failed, request.decoder.on_sampled,
+                                     seq, tokens, lps, hidden, self)
+            if done:
                 touched[request.request_id] = request
         outputs = []
         for request in touched.values():
@@ -318,6 +328,7 @@ class EngineCore:
             "num_aborted": self.num_aborted,
             "num_failed": self.num_failed,
             **self.executor.get_stats(),
+            **(self.speculator.get_stats() if self.speculator is not None else {}),
         }
 
     def check_integrity(self) -> None:

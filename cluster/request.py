@@ -40,6 +40,9 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.output_logprobs: list[dict[int, float]] = []
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache (first schedule)
+        # Proposed next tokens (speculative decoding), fed after token_ids and verified this
+        # step; never part of token_ids until accepted.
+        self.spec_token_ids: list[int] = []
         self.detokenizer: Any = None  # IncrementalDetokenizer, set by the engine
         # Streaming cursors: what the previous RequestOutput already carried.
         self.num_emitted_tokens = 0

@@ -65,6 +65,10 @@ class ModelInput:
     # Token rows (into input_ids) whose final normed hidden states come back as
     # ModelOutput.token_hidden_states, whether or not they sample (contrastive search's prompt).
     hidden_state_rows: list[int] = field(default_factory=list)
+    # Speculative verification: per sequence (first logits row, its draft token ids). Its
+    # len(drafts) + 1 rows score the positions after the last real token and after each draft;
+    # ModelOutput.sampled_token_ids then holds the emitted tokens on those rows, -1 past them.
+    spec_groups: list[tuple[int, list[int]]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

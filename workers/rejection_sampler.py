@@ -61,6 +61,9 @@ def rejection_sample(
     vocab = target_probs.shape[-1]
     device = target_probs.device
     assert target_probs.shape == (num_seqs, k + 1, vocab), target_probs.shape
+    if bool(is_greedy.all()):
+        # Only the argmax matters (target_probs may even be logits): no randomness, no residual.
+        return _greedy(draft_token_ids, target_probs.argmax(dim=2), num_draft_tokens)
     u, e = _uniform_and_exp(num_seqs, k, vocab, seeds, step_ids, device)
 
     # Acceptance of each draft position.
@@ -96,6 +99,24 @@ def rejection_sample(
     last = torch.where(is_greedy.unsqueeze(1), argmax, drawn)
     final = last.gather(1, num_accepted.unsqueeze(1)).squeeze(1)  # [S]
 
+    return _emit(draft_token_ids, num_accepted, final)
+
+
+def _greedy(draft_token_ids: torch.Tensor, argmax: torch.Tensor,
+            num_draft_tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    k = draft_token_ids.shape[1]
+    accepted = draft_token_ids == argmax[:, :k]  # [S, k]
+    if num_draft_tokens is not None:
+        accepted &= torch.arange(k, device=argmax.device).unsqueeze(0) < num_draft_tokens.unsqueeze(1)
+    num_accepted = accepted.to(torch.int64).cumprod(dim=1).sum(dim=1)  # [S]
+    return _emit(draft_token_ids, num_accepted, argmax.gather(1, num_accepted.unsqueeze(1)).squeeze(1))
+
+
+def _emit(draft_token_ids: torch.Tensor, num_accepted: torch.Tensor, final: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of [accepted drafts..., final, -1...] and how many tokens each emits."""
+    num_seqs, k = draft_token_ids.shape
+    device = draft_token_ids.device
     positions = torch.arange(k + 1, device=device).unsqueeze(0)  # [1, k + 1]
     tokens = torch.full((num_seqs, k + 1), -1, dtype=torch.int64, device=device)
     keep = positions < num_accepted.unsqueeze(1)

@@ -15,6 +15,8 @@ _MONOTONIC_STATS = {
     "num_prompt_tokens": "raylm_prompt_tokens_total",
     "num_generation_tokens": "raylm_generation_tokens_total",
     "num_preemptions": "raylm_num_preemptions_total",
+    "spec_num_draft_tokens": "raylm_spec_draft_tokens_total",
+    "spec_num_accepted_tokens": "raylm_spec_accepted_tokens_total",
 }
 
 

@@ -1,0 +1,101 @@
+"""Speculative decoding in the engine: propose before scheduling, accept after verifying.
+
+Each step, every eligible decoding sequence gets up to k proposed tokens (``spec_token_ids``).
+The scheduler counts them in the token budget and allocates their slots (lookahead); the input
+builder feeds them after the sequence's last token and asks for k + 1 logits rows; the runner's
+rejection sampler (workers/rejection_sampler.py) turns those rows into the emitted tokens:
+accepted drafts then one correction / bonus token, so every verified sequence gains 1..k + 1
+tokens per step with exactly the target's distribution. ``accept`` appends them (stop
+conditions apply token by token), rolls ``num_computed_tokens`` back to the accepted length,
+frees the lookahead blocks only rejected drafts used, and only then publishes full blocks to the
+prefix cache (a block holding a rejected draft is never published).
+
+Eligible: greedy or sampled requests (n >= 1 once forked) without per-token logprobs; beam and
+contrastive search run without speculation in the same batch. Pure Python.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from raylm.cluster.decoding import EngineOps, SamplingDecoder
+from raylm.cluster.request import SeqStatus, Sequence
+
+if TYPE_CHECKING:
+    from raylm.cluster.config import SpeculativeConfig
+    from raylm.cluster.kv_cache_manager import KVCacheManager
+
+
+class Speculator:
+    def __init__(self, config: "SpeculativeConfig", max_model_len: int) -> None:
+        from raylm.workers.ngram_proposer import NgramProposer
+
+        self.config = config
+        self.max_model_len = max_model_len
+        self.proposer = NgramProposer(config.prompt_lookup_max, config.prompt_lookup_min)
+        k = config.num_speculative_tokens
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.num_verified_seqs = 0  # verification rounds (one per sequence per step)
+        self.accepted_per_position = [0] * k  # how often draft j was accepted
+        self.drafted_per_position = [0] * k
+
+    def _eligible(self, seq: Sequence) -> bool:
+        request = seq.request
+        decoder = request.decoder
+        return (seq.status is SeqStatus.RUNNING
+                and seq.num_computed_tokens == seq.num_tokens - 1  # decoding, not prefilling
+                and isinstance(decoder, SamplingDecoder) and decoder.forked
+                and request.params.logprobs is None)
+
+    def propose(self, running: list[Sequence]) -> None:
+        """Set each eligible sequence's proposals for this step (others get none)."""
+        k_max = self.config.num_speculative_tokens
+        for seq in running:
+            seq.spec_token_ids = []
+            if not self._eligible(seq):
+                continue
+            params = seq.request.params
+            # Never propose past max_tokens (the last emitted token is the target's own) nor
+            # past the context.
+            k = min(k_max, params.max_tokens - seq.num_output_tokens - 1,
+                    self.max_model_len - seq.num_tokens - 1)
+            if k > 0:
+                seq.spec_token_ids = self.proposer.propose(seq.token_ids, k)
+
+    def accept(self, seq: Sequence, tokens: list[int], ops: EngineOps,
+               kv: "KVCacheManager") -> None:
+        """Apply one verification's result: ``tokens`` are the k + 1 rows' emitted tokens,
+        -1 past the emitted ones."""
+        num_drafts = len(seq.spec_token_ids)
+        seq.spec_token_ids = []
+        emitted = [t for t in tokens if t >= 0]
+        assert 1 <= len(emitted) <= num_drafts + 1, (tokens, num_drafts)
+        num_accepted = len(emitted) - 1
+        self.num_verified_seqs += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        for j in range(num_drafts):
+            self.drafted_per_position[j] += 1
+            self.accepted_per_position[j] += j < num_accepted
+        for token in emitted:
+            if ops.append_token(seq, token, None):
+                return  # finished (stop, EOS, max_tokens): its blocks are already freed
+        # The KV of the last real token and of the accepted drafts is valid; the newest token
+        # is computed next step.
+        seq.num_computed_tokens = seq.num_tokens - 1
+        kv.trim(seq)
+        kv.cache_full_blocks(seq)
+
+    def get_stats(self) -> dict:
+        drafted = self.num_draft_tokens
+        return {
+            "spec_num_draft_tokens": drafted,
+            "spec_num_accepted_tokens": self.num_accepted_tokens,
+            "spec_acceptance_rate": self.num_accepted_tokens / drafted if drafted else 0.0,
+            # tokens emitted per verification round (1 = nothing accepted)
+            "spec_mean_acceptance_length": (1 + self.num_accepted_tokens / self.num_verified_seqs
+                                            if self.num_verified_seqs else 0.0),
+            "spec_acceptance_rate_per_position": [
+                a / d if d else 0.0
+                for a, d in zip(self.accepted_per_position, self.drafted_per_position)],
+        }
