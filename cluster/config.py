@@ -44,6 +44,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
     model: str | None = None
+    # Choose k per step from measured acceptance and step cost (cluster/spec_policy.py); False
+    # always proposes up to num_speculative_tokens.
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:
@@ -53,6 +56,8 @@ class SpeculativeConfig:
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
             raise ValueError(f"speculative_config.num_speculative_tokens must be in [1, 16], "
                              f"got {k!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"speculative_config.adaptive must be a bool, got {self.adaptive!r}")
         if self.method == "draft_model":
             raise ValueError("speculative_config: draft-model speculation is not available yet; "
                              "use {\"method\": \"ngram\"}")
@@ -69,7 +74,7 @@ class SpeculativeConfig:
         if "model" in data and "method" not in data:
             data["method"] = "draft_model"
         known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-                 "model"}
+                 "model", "adaptive"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"speculative_config.{unknown[0]} is not a known setting "

@@ -152,7 +152,7 @@ class EngineCore:
         output) ends that request with an error output; only faults of the executor, which
         runs the whole batch, propagate (the engine is then dead)."""
         if self.speculator is not None:
-            self.speculator.propose(self.scheduler.running)
+            self.speculator.propose(self.scheduler.running, self._num_base_tokens())
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -164,7 +164,10 @@ class EngineCore:
             if sched.is_empty:
                 return failed
             inp, groups, prompt_seqs = build_model_input(sched, self.kv.block_size)
+        start = time.perf_counter()
         out = self.executor.execute(inp)
+        if self.speculator is not None:
+            self.speculator.observe_step(inp.num_tokens, time.perf_counter() - start)
         if out.prompt_logprobs:
             for seq, (start, *_), rows in zip(prompt_seqs, inp.prompt_logprob_rows,
                                               out.prompt_logprobs):
@@ -172,6 +175,12 @@ class EngineCore:
                               seq, inp.positions[start], rows)
         outputs = self._update(sched, groups, out, emit_deltas, failed)
         return failed + outputs
+
+    def _num_base_tokens(self) -> int:
+        """Tokens the next step feeds without speculation (an estimate for the k policy)."""
+        gap = sum(s.num_tokens - s.num_computed_tokens for s in self.scheduler.running)
+        gap += sum(s.num_tokens for s in self.scheduler.waiting)
+        return min(gap, self.config.scheduler.max_num_batched_tokens)
 
     def _fail_bad_inputs(self, sched: SchedulerOutput) -> list[RequestOutput]:
         """Build each scheduled sequence's input alone; fail the requests whose input cannot be

@@ -10,6 +10,10 @@ conditions apply token by token), rolls ``num_computed_tokens`` back to the acce
 frees the lookahead blocks only rejected drafts used, and only then publishes full blocks to the
 prefix cache (a block holding a rejected draft is never published).
 
+How many tokens to propose is chosen each step by ``AdaptiveK`` (cluster/spec_policy.py): the k
+that maximises expected emitted tokens per second of step time, 0 when the batch is compute
+bound.
+
 Eligible: greedy or sampled requests (n >= 1 once forked) without per-token logprobs; beam and
 contrastive search run without speculation in the same batch. Pure Python.
 """
@@ -19,18 +23,25 @@ from typing import TYPE_CHECKING
 
 from raylm.cluster.decoding import EngineOps, SamplingDecoder
 from raylm.cluster.request import SeqStatus, Sequence
+from raylm.cluster.spec_policy import PRIOR_ACCEPTANCE
 
 if TYPE_CHECKING:
     from raylm.cluster.config import SpeculativeConfig
     from raylm.cluster.kv_cache_manager import KVCacheManager
 
 
+ACCEPTANCE_DECAY = 0.8  # per-request moving average of the acceptance rate
+
+
 class Speculator:
     def __init__(self, config: "SpeculativeConfig", max_model_len: int) -> None:
         from raylm.workers.ngram_proposer import NgramProposer
 
+        from raylm.cluster.spec_policy import AdaptiveK
+
         self.config = config
         self.max_model_len = max_model_len
+        self.policy = AdaptiveK(config.num_speculative_tokens)
         self.proposer = NgramProposer(config.prompt_lookup_max, config.prompt_lookup_min)
         k = config.num_speculative_tokens
         self.num_draft_tokens = 0
@@ -47,20 +58,34 @@ class Speculator:
                 and isinstance(decoder, SamplingDecoder) and decoder.forked
                 and request.params.logprobs is None)
 
-    def propose(self, running: list[Sequence]) -> None:
-        """Set each eligible sequence's proposals for this step (others get none)."""
-        k_max = self.config.num_speculative_tokens
+    def propose(self, running: list[Sequence], num_base_tokens: int) -> None:
+        """Set each eligible sequence's proposals for this step (others get none).
+        ``num_base_tokens``: what the step would feed without speculation."""
+        candidates, caps = [], []
         for seq in running:
             seq.spec_token_ids = []
-            if not self._eligible(seq):
-                continue
-            params = seq.request.params
-            # Never propose past max_tokens (the last emitted token is the target's own) nor
-            # past the context.
-            k = min(k_max, params.max_tokens - seq.num_output_tokens - 1,
-                    self.max_model_len - seq.num_tokens - 1)
-            if k > 0:
-                seq.spec_token_ids = self.proposer.propose(seq.token_ids, k)
+            if self._eligible(seq):
+                # Never past max_tokens (the last emitted token is the target's own) nor past
+                # the context.
+                cap = min(seq.request.params.max_tokens - seq.num_output_tokens - 1,
+                          self.max_model_len - seq.num_tokens - 1)
+                if cap > 0:
+                    candidates.append(seq)
+                    caps.append(cap)
+        if not candidates:
+            return
+        prior = self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens \
+            else PRIOR_ACCEPTANCE
+        acceptances = [s.request.spec_acceptance if s.request.spec_acceptance is not None
+                       else prior for s in candidates]
+        k = (self.policy.choose(num_base_tokens, acceptances, caps) if self.config.adaptive
+             else self.config.num_speculative_tokens)
+        for seq, cap in zip(candidates, caps):
+            if min(k, cap) > 0:
+                seq.spec_token_ids = self.proposer.propose(seq.token_ids, min(k, cap))
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        self.policy.observe_step(num_tokens, seconds)
 
     def accept(self, seq: Sequence, tokens: list[int], ops: EngineOps,
                kv: "KVCacheManager") -> None:
@@ -74,6 +99,10 @@ class Speculator:
         self.num_verified_seqs += 1
         self.num_draft_tokens += num_drafts
         self.num_accepted_tokens += num_accepted
+        rate = num_accepted / num_drafts
+        previous = seq.request.spec_acceptance
+        seq.request.spec_acceptance = rate if previous is None else \
+            ACCEPTANCE_DECAY * previous + (1 - ACCEPTANCE_DECAY) * rate
         for j in range(num_drafts):
             self.drafted_per_position[j] += 1
             self.accepted_per_position[j] += j < num_accepted
@@ -95,6 +124,7 @@ class Speculator:
             # tokens emitted per verification round (1 = nothing accepted)
             "spec_mean_acceptance_length": (1 + self.num_accepted_tokens / self.num_verified_seqs
                                             if self.num_verified_seqs else 0.0),
+            "spec_current_k": self.policy.last_k,
             "spec_acceptance_rate_per_position": [
                 a / d if d else 0.0
                 for a, d in zip(self.accepted_per_position, self.drafted_per_position)],

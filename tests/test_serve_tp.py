@@ -42,7 +42,8 @@ def server(tiny_model):
                              "tensor_parallel_size": 2, "kv_cache_memory": 64 << 20,
                              # verification rows travel through the ranks' channel too
                              "speculative_config": {"method": "ngram",
-                                                    "num_speculative_tokens": 3}}),
+                                                    "num_speculative_tokens": 3,
+                                                    "adaptive": False}}),
                   name=APP, route_prefix="/")
         yield {"model": model,
                "client": openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1",

@@ -9,7 +9,8 @@ import pytest
 from hf_reference import hf_greedy
 from raylm.cluster import LLM, SamplingParams
 
-SPEC = {"method": "ngram", "num_speculative_tokens": 4}
+# Fixed k: these tests check correctness with drafts in every step (adaptive k may choose 0).
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}
 
 
 def _repetitive_prompts(seed: int) -> list[list[int]]:
@@ -101,3 +102,14 @@ def test_bad_speculative_configs_name_the_field(tiny_model):
         LLM(str(tiny_model("llama")), speculative_config={"num_speculative_tokens": 0})
     with pytest.raises(ValueError, match="speculative_config.lookahead"):
         LLM(str(tiny_model("llama")), speculative_config={"lookahead": 3})
+
+
+def test_adaptive_k_keeps_greedy_output_and_reports_its_choice(tiny_model):
+    path = str(tiny_model("llama"))
+    llm = LLM(path, dtype="float32", speculative_config={"method": "ngram"})  # adaptive default
+    prompts = _repetitive_prompts(4)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for prompt, out in zip(prompts, llm.generate(prompts, params)):
+        assert out.outputs[0].token_ids == hf_greedy(path, prompt, 40)
+    stats = _clean(llm)
+    assert 0 <= stats["spec_current_k"] <= 4
