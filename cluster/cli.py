@@ -60,6 +60,15 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def _cmd_make_model(args: argparse.Namespace) -> int:
     from raylm.workers.make_model import make_model
 
+    if args.pair:
+        from raylm.workers.make_pair import make_spec_pair
+
+        target, draft = make_spec_pair(args.out, arch=args.arch, preset=args.preset,
+                                       extra_layers=args.extra_layers,
+                                       residual_scale=args.residual_scale, seed=args.seed)
+        print(f"wrote a matched speculative pair ({args.arch}, {args.preset}): target {target}, "
+              f"draft {draft}")
+        return 0
     path = make_model(args.out, arch=args.arch, preset=args.preset, seed=args.seed)
     print(f"wrote a random-weight {args.arch} checkpoint ({args.preset}) to {path}")
     return 0
@@ -88,7 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-model", help="write a small random-weight HF checkpoint + tokenizer")
     p.add_argument("out")
     p.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
-    p.add_argument("--preset", default="tiny", choices=["tiny", "bench"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "demo", "bench"])
+    p.add_argument("--pair", action="store_true",
+                   help="write OUT/target and OUT/draft: a draft that agrees with its target "
+                        "(the target adds layers with small residual writes; see make_pair.py)")
+    p.add_argument("--extra-layers", type=int, default=6, help="--pair: target layers beyond "
+                                                                 "the draft's")
+    p.add_argument("--residual-scale", type=float, default=0.05,
+                   help="--pair: scale of the extra layers' output projections (smaller = the "
+                        "draft agrees more)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_model)
 

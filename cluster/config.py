@@ -34,10 +34,9 @@ SPEC_METHODS = ("ngram", "draft_model")
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """``speculative_config={"method": "ngram", "num_speculative_tokens": k, ...}``.
-
-    The n-gram (prompt lookup) proposer is built; a draft model (``"model": D``, method
-    "draft_model") is refused with a clear error until its worker lands."""
+    """``speculative_config={"method": "ngram", "num_speculative_tokens": k, ...}`` or
+    ``{"model": D, "num_speculative_tokens": k}`` (method "draft_model", the default when a model
+    is given): D must share the target's tokenizer (checked at start)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4  # the maximum k per step
@@ -58,9 +57,9 @@ class SpeculativeConfig:
                              f"got {k!r}")
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"speculative_config.adaptive must be a bool, got {self.adaptive!r}")
-        if self.method == "draft_model":
-            raise ValueError("speculative_config: draft-model speculation is not available yet; "
-                             "use {\"method\": \"ngram\"}")
+        if self.method == "draft_model" and not self.model:
+            raise ValueError("speculative_config.model: a draft model path is required with "
+                             "method 'draft_model'")
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "SpeculativeConfig | None":

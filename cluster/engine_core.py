@@ -47,8 +47,15 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.stop_checker = StopChecker(self.tokenizer, self.max_model_len)
-        self.speculator = (Speculator(config.speculative, self.max_model_len)
-                           if config.speculative is not None else None)
+        self.speculator = None
+        if config.speculative is not None:
+            draft = None
+            if config.speculative.method == "draft_model":
+                from raylm.cluster.draft_proposer import DraftProposer
+
+                draft = DraftProposer(config.speculative.model, config, num_blocks,
+                                      self.tokenizer)
+            self.speculator = Speculator(config.speculative, self.max_model_len, draft)
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.executor.model_path)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -156,6 +163,8 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        step_start = time.perf_counter()
+        draft_probs = self.speculator.fill_drafts(sched) if self.speculator is not None else None
         failed: list[RequestOutput] = []
         try:
             inp, groups, prompt_seqs = build_model_input(sched, self.kv.block_size)
@@ -164,10 +173,13 @@ class EngineCore:
             if sched.is_empty:
                 return failed
             inp, groups, prompt_seqs = build_model_input(sched, self.kv.block_size)
-        start = time.perf_counter()
+            # q's rows followed the dropped sequences too; point-mass verification of the same
+            # drafts is still lossless (only less accepting).
+            draft_probs = None
+        inp.spec_draft_probs = draft_probs
         out = self.executor.execute(inp)
         if self.speculator is not None:
-            self.speculator.observe_step(inp.num_tokens, time.perf_counter() - start)
+            self.speculator.observe_step(inp.num_tokens, time.perf_counter() - step_start)
         if out.prompt_logprobs:
             for seq, (start, *_), rows in zip(prompt_seqs, inp.prompt_logprob_rows,
                                               out.prompt_logprobs):

@@ -43,6 +43,7 @@ class Sequence:
         # Proposed next tokens (speculative decoding), fed after token_ids and verified this
         # step; never part of token_ids until accepted.
         self.spec_token_ids: list[int] = []
+        self.draft_num_computed = 0  # leading tokens whose KV the draft model's pool holds
         self.detokenizer: Any = None  # IncrementalDetokenizer, set by the engine
         # Streaming cursors: what the previous RequestOutput already carried.
         self.num_emitted_tokens = 0

@@ -163,6 +163,7 @@ class Scheduler:
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.spec_token_ids = []
+        seq.draft_num_computed = 0
         seq.request.num_preemptions += 1
         self.num_preemptions += 1
         out.preempted.append(seq)

@@ -27,22 +27,25 @@ from raylm.cluster.spec_policy import PRIOR_ACCEPTANCE
 
 if TYPE_CHECKING:
     from raylm.cluster.config import SpeculativeConfig
+    from raylm.cluster.draft_proposer import DraftProposer
     from raylm.cluster.kv_cache_manager import KVCacheManager
+    from raylm.cluster.scheduler import SchedulerOutput
 
 
 ACCEPTANCE_DECAY = 0.8  # per-request moving average of the acceptance rate
 
 
 class Speculator:
-    def __init__(self, config: "SpeculativeConfig", max_model_len: int) -> None:
-        from raylm.workers.ngram_proposer import NgramProposer
-
+    def __init__(self, config: "SpeculativeConfig", max_model_len: int,
+                 draft: "DraftProposer | None" = None) -> None:
         from raylm.cluster.spec_policy import AdaptiveK
+        from raylm.workers.ngram_proposer import NgramProposer  # pure Python
 
         self.config = config
         self.max_model_len = max_model_len
         self.policy = AdaptiveK(config.num_speculative_tokens)
         self.proposer = NgramProposer(config.prompt_lookup_max, config.prompt_lookup_min)
+        self.draft = draft  # proposes after scheduling (its KV needs the lookahead slots)
         k = config.num_speculative_tokens
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -82,7 +85,23 @@ class Speculator:
              else self.config.num_speculative_tokens)
         for seq, cap in zip(candidates, caps):
             if min(k, cap) > 0:
-                seq.spec_token_ids = self.proposer.propose(seq.token_ids, min(k, cap))
+                # A draft model always proposes exactly k: reserve the slots now, fill them in
+                # fill_drafts once the scheduler has allocated them.
+                seq.spec_token_ids = ([0] * min(k, cap) if self.draft is not None
+                                      else self.proposer.propose(seq.token_ids, min(k, cap)))
+
+    def fill_drafts(self, sched: "SchedulerOutput") -> object | None:
+        """Draft-model proposals for the scheduled sequences that kept their reservation;
+        returns the draft's q for ModelInput.spec_draft_probs (None when all are greedy)."""
+        if self.draft is None:
+            return None
+        seqs = [s.seq for s in sched.scheduled if s.seq.spec_token_ids]
+        if not seqs:
+            return None
+        drafts, q = self.draft.propose(seqs, sched.copy_blocks)
+        for seq, d in zip(seqs, drafts):
+            seq.spec_token_ids = d
+        return q
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         self.policy.observe_step(num_tokens, seconds)
@@ -106,12 +125,15 @@ class Speculator:
         for j in range(num_drafts):
             self.drafted_per_position[j] += 1
             self.accepted_per_position[j] += j < num_accepted
+        num_tokens_before = seq.num_tokens
         for token in emitted:
             if ops.append_token(seq, token, None):
                 return  # finished (stop, EOS, max_tokens): its blocks are already freed
         # The KV of the last real token and of the accepted drafts is valid; the newest token
         # is computed next step.
         seq.num_computed_tokens = seq.num_tokens - 1
+        # The draft fed the last real token and its first k - 1 proposals.
+        seq.draft_num_computed = min(seq.num_computed_tokens, num_tokens_before + num_drafts - 1)
         kv.trim(seq)
         kv.cache_full_blocks(seq)
 

@@ -98,6 +98,7 @@ class Sampler:
         meta: SamplingMetadata,
         spec_groups: list[tuple[int, list[int]]],
         sampled: torch.Tensor,  # [num_rows] int64, this step's plain samples
+        draft_probs: torch.Tensor | None = None,  # [num_groups, k_max, vocab]; None = point masses
     ) -> torch.Tensor:  # [num_rows] int64
         """Replace the rows of speculative sequences by what they emit (rejection_sampler.py):
         accepted drafts, then the correction or bonus token, then -1."""
@@ -113,8 +114,10 @@ class Sampler:
         probs = probs.view(len(spec_groups), k + 1, -1)  # [S, k + 1, vocab]
         drafts = torch.tensor([d + [0] * (k - len(d)) for _, d in spec_groups], device=device)
         firsts = [first for first, _ in spec_groups]
+        if draft_probs is not None:
+            draft_probs = draft_probs.to(device=device, dtype=probs.dtype)
         tokens, emitted = rejection_sample(
-            drafts, probs, None,
+            drafts, probs, draft_probs,
             torch.tensor([meta.temperature[f] == 0.0 for f in firsts], device=device),
             [meta.seeds[f] for f in firsts], [meta.step_ids[f] for f in firsts],
             num_draft_tokens=torch.tensor([len(d) for _, d in spec_groups], device=device))
@@ -122,6 +125,11 @@ class Sampler:
         for i, (first, d) in enumerate(spec_groups):
             out[first: first + len(d) + 1] = tokens[i, : len(d) + 1]
         return out
+
+    def sampling_probs(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """What each row of this step sampled from ([num_rows, vocab]; greedy rows: logits)."""
+        logits = self._masked_and_penalized(logits.float(), meta, meta.banned_token_ids)
+        return self.processed_probs(logits, meta, list(range(meta.num_rows)))
 
     def processed_probs(self, logits: torch.Tensor, meta: SamplingMetadata,
                         rows: list[int]) -> torch.Tensor:  # [len(rows), vocab]

@@ -1,7 +1,7 @@
-"""Speculative decoding with the n-gram (prompt lookup) proposer through the whole engine:
-greedy tokens equal decoding without speculation (and HF) under chunked prefill, prefix hits,
-preemption, stops inside an accepted run and n > 1; rejected drafts leave no block behind;
-requests that cannot speculate share the batch unchanged."""
+"""Speculative decoding through the whole engine, with the n-gram proposer and with a draft
+model (a matched pair: make_pair.py): greedy tokens equal decoding without speculation (and HF)
+under chunked prefill, prefix hits, preemption, stops inside an accepted run and n > 1; rejected
+drafts leave no block behind; requests that cannot speculate share the batch unchanged."""
 import random
 
 import pytest
@@ -10,7 +10,25 @@ from hf_reference import hf_greedy
 from raylm.cluster import LLM, SamplingParams
 
 # Fixed k: these tests check correctness with drafts in every step (adaptive k may choose 0).
-SPEC = {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from raylm.workers.make_pair import make_spec_pair
+
+    target, draft = make_spec_pair(tmp_path_factory.mktemp("pair"), preset="tiny",
+                                   extra_layers=4, residual_scale=0.05)
+    return str(target), str(draft)
+
+
+@pytest.fixture(params=["ngram", "draft"])
+def setup(request, tiny_model, pair):
+    """(target checkpoint, speculative_config)."""
+    if request.param == "ngram":
+        return str(tiny_model("llama")), NGRAM
+    target, draft = pair
+    return target, {"model": draft, "num_speculative_tokens": 4, "adaptive": False}
 
 
 def _repetitive_prompts(seed: int) -> list[list[int]]:
@@ -32,23 +50,23 @@ def _clean(llm):
     {"max_num_batched_tokens": 24},  # chunked prefill; verification competes for the budget
     {"num_blocks_override": 14},  # lookahead slots force preemption and recompute
 ])
-def test_greedy_with_speculation_equals_hf(tiny_model, engine):
-    path = str(tiny_model("llama"))
-    llm = LLM(path, dtype="float32", speculative_config=SPEC, **engine)
+def test_greedy_with_speculation_equals_hf(setup, engine):
+    path, spec = setup
+    llm = LLM(path, dtype="float32", speculative_config=spec, **engine)
     prompts = _repetitive_prompts(0)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     for prompt, out in zip(prompts, llm.generate(prompts, params)):
         assert out.outputs[0].token_ids == hf_greedy(path, prompt, 40)
     stats = _clean(llm)
     assert stats["spec_num_draft_tokens"] > 0 and stats["spec_num_accepted_tokens"] > 0
-    if "num_blocks_override" in engine:
+    if "num_blocks_override" in engine and spec.get("method") == "ngram":
         assert stats["num_preemptions"] > 0
 
 
-def test_prefix_hits_stops_and_n_inside_accepted_runs(tiny_model):
-    path = str(tiny_model("llama"))
+def test_prefix_hits_stops_and_n_inside_accepted_runs(setup):
+    path, spec = setup
     plain = LLM(path, dtype="float32")
-    llm = LLM(path, dtype="float32", speculative_config=SPEC)
+    llm = LLM(path, dtype="float32", speculative_config=spec)
     prompts = _repetitive_prompts(1)
     reference = plain.generate(prompts, SamplingParams(temperature=0, max_tokens=40,
                                                        ignore_eos=True))
@@ -71,10 +89,10 @@ def test_prefix_hits_stops_and_n_inside_accepted_runs(tiny_model):
     assert stats["prefix_cache_hit_tokens"] > 0 and stats["spec_num_accepted_tokens"] > 0
 
 
-def test_requests_that_cannot_speculate_share_the_batch(tiny_model):
-    path = str(tiny_model("llama"))
+def test_requests_that_cannot_speculate_share_the_batch(setup):
+    path, spec = setup
     plain = LLM(path, dtype="float32")
-    llm = LLM(path, dtype="float32", speculative_config=SPEC)
+    llm = LLM(path, dtype="float32", speculative_config=spec)
     prompts = _repetitive_prompts(2)
     params = [SamplingParams(num_beams=2, max_tokens=12, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=12, logprobs=2, ignore_eos=True),
@@ -86,8 +104,9 @@ def test_requests_that_cannot_speculate_share_the_batch(tiny_model):
     _clean(llm)
 
 
-def test_seeded_sampling_with_speculation_is_reproducible_alone_and_in_a_batch(tiny_model):
-    llm = LLM(str(tiny_model("llama")), dtype="float32", speculative_config=SPEC)
+def test_seeded_sampling_with_speculation_is_reproducible_alone_and_in_a_batch(setup):
+    path, spec = setup
+    llm = LLM(path, dtype="float32", speculative_config=spec)
     prompts = _repetitive_prompts(3)
     seeded = SamplingParams(temperature=0.7, top_p=0.9, seed=5, max_tokens=30, ignore_eos=True)
     alone = llm.generate([prompts[0]], seeded)[0].outputs[0].token_ids
@@ -97,11 +116,30 @@ def test_seeded_sampling_with_speculation_is_reproducible_alone_and_in_a_batch(t
     _clean(llm)
 
 
-def test_bad_speculative_configs_name_the_field(tiny_model):
+def test_bad_speculative_configs_name_the_field(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         LLM(str(tiny_model("llama")), speculative_config={"num_speculative_tokens": 0})
     with pytest.raises(ValueError, match="speculative_config.lookahead"):
         LLM(str(tiny_model("llama")), speculative_config={"lookahead": 3})
+    # A draft with another vocabulary cannot propose the target's tokens.
+    from raylm.workers.make_model import make_model, make_tokenizer
+
+    other = make_model(tmp_path / "other", vocab_size=len(make_tokenizer()) + 8)
+    tok = make_tokenizer()
+    tok.add_tokens(["<|extra|>"])
+    tok.save_pretrained(str(other))
+    with pytest.raises(ValueError, match="speculative_config.model"):
+        LLM(str(tiny_model("llama")), speculative_config={"model": str(other)})
+
+
+def test_a_matched_pair_agrees_most_of_the_time(pair):
+    target, draft = pair
+    llm = LLM(target, dtype="float32", speculative_config={"model": draft, "adaptive": False})
+    prompts = _repetitive_prompts(5)
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    stats = _clean(llm)
+    assert stats["spec_acceptance_rate"] > 0.5
+    assert stats["spec_mean_acceptance_length"] > 2.0
 
 
 def test_adaptive_k_keeps_greedy_output_and_reports_its_choice(tiny_model):
