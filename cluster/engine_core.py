@@ -356,10 +356,15 @@ class EngineCore:
         self.kv.check_integrity()
 
     def check_health(self) -> None:
-        """Raise if the executor lost a worker (cheap: no step is run)."""
+        """Raise if the executor lost a worker (cheap: no step is run). A lost draft worker
+        only turns speculation off."""
         self.executor.check_health()
+        if self.speculator is not None:
+            self.speculator.check()
 
     def shutdown(self) -> None:
+        if self.speculator is not None and self.speculator.draft is not None:
+            self.speculator.draft.close()
         self.executor.shutdown()
 
 

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import logging
+
 from raylm.cluster.decoding import EngineOps, SamplingDecoder
+from raylm.cluster.errors import WorkerDiedError
 from raylm.cluster.request import SeqStatus, Sequence
 from raylm.cluster.spec_policy import PRIOR_ACCEPTANCE
 
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     from raylm.cluster.scheduler import SchedulerOutput
 
 
+logger = logging.getLogger(__name__)
 ACCEPTANCE_DECAY = 0.8  # per-request moving average of the acceptance rate
 
 
@@ -46,6 +50,7 @@ class Speculator:
         self.policy = AdaptiveK(config.num_speculative_tokens)
         self.proposer = NgramProposer(config.prompt_lookup_max, config.prompt_lookup_min)
         self.draft = draft  # proposes after scheduling (its KV needs the lookahead slots)
+        self.enabled = True  # False once a draft model's worker died
         k = config.num_speculative_tokens
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -64,10 +69,13 @@ class Speculator:
     def propose(self, running: list[Sequence], num_base_tokens: int) -> None:
         """Set each eligible sequence's proposals for this step (others get none).
         ``num_base_tokens``: what the step would feed without speculation."""
+        if not self.enabled and self.draft is not None:
+            self.draft.close()
+            self.draft = None
         candidates, caps = [], []
         for seq in running:
             seq.spec_token_ids = []
-            if self._eligible(seq):
+            if self.enabled and self._eligible(seq):
                 # Never past max_tokens (the last emitted token is the target's own) nor past
                 # the context.
                 cap = min(seq.request.params.max_tokens - seq.num_output_tokens - 1,
@@ -98,10 +106,41 @@ class Speculator:
         seqs = [s.seq for s in sched.scheduled if s.seq.spec_token_ids]
         if not seqs:
             return None
-        drafts, q = self.draft.propose(seqs, sched.copy_blocks)
+        try:
+            drafts, q = self.draft.propose(seqs, sched.copy_blocks)
+        except WorkerDiedError as exc:
+            self._lose_draft(sched, exc)
+            return None
         for seq, d in zip(seqs, drafts):
             seq.spec_token_ids = d
         return q
+
+    def _lose_draft(self, sched: "SchedulerOutput", exc: Exception) -> None:
+        """The draft's actor died: serve on without speculation (the target's output does not
+        depend on it); this step's reservations become plain decodes."""
+        logger.error("the draft model's worker died (%s); serving on without speculation", exc)
+        self.draft.close()
+        self.draft = None
+        self.enabled = False
+        for s in sched.scheduled:
+            k = len(s.seq.spec_token_ids)
+            if k:
+                s.num_new_tokens -= k
+                s.seq.num_computed_tokens -= k
+                s.seq.spec_token_ids = []
+                s.samples = True
+
+    def check(self) -> None:
+        """Notice a dead draft actor between steps too (the replica's health check)."""
+        if self.draft is None or not self.enabled:
+            return
+        try:
+            self.draft.check()
+        except WorkerDiedError as exc:
+            # Called from the server's thread: only flag it; the step thread lets the draft go.
+            logger.error("the draft model's worker died (%s); serving on without speculation",
+                         exc)
+            self.enabled = False
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         self.policy.observe_step(num_tokens, seconds)
@@ -146,7 +185,8 @@ class Speculator:
             # tokens emitted per verification round (1 = nothing accepted)
             "spec_mean_acceptance_length": (1 + self.num_accepted_tokens / self.num_verified_seqs
                                             if self.num_verified_seqs else 0.0),
-            "spec_current_k": self.policy.last_k,
+            "spec_current_k": self.policy.last_k if self.enabled else 0,
+            "spec_enabled": int(self.enabled),
             "spec_acceptance_rate_per_position": [
                 a / d if d else 0.0
                 for a, d in zip(self.accepted_per_position, self.drafted_per_position)],

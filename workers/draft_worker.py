@@ -53,6 +53,12 @@ class DraftWorker:
         self.runner.initialize_kv_cache(num_blocks)
         self.vocab_size = self.runner.hf_config.vocab_size
 
+    def run_loop(self, inbox_handle: dict, outbox_handle: dict | None) -> None:
+        """As a Ray actor: serve proposals from the engine's channel until told to stop."""
+        from raylm.workers.worker import serve_channel
+
+        serve_channel(self.propose, 0, inbox_handle, outbox_handle, "draft")
+
     @torch.inference_mode()
     def propose(self, batch: DraftBatch) -> tuple[list[list[int]], torch.Tensor | None]:
         """(proposals per request, q [num_requests, k_max, vocab] when asked)."""

@@ -138,7 +138,16 @@ class AppConfig:
         actors (tp > 1) it only schedules, and each rank's actor takes its whole bundle."""
         if self.tensor_parallel_size > 1:
             return {"num_cpus": 0, "num_gpus": 0}
-        return {"num_cpus": self.num_cpus_per_rank, "num_gpus": self.num_gpus_per_rank}
+        return {"num_cpus": self.num_cpus_per_rank,
+                "num_gpus": self.num_gpus_per_rank - self._draft_gpu_share()}
+
+    def _draft_gpu_share(self) -> float:
+        """What a draft model's actor takes of bundle 0's GPU (it shares the bundle)."""
+        if not self.num_gpus_per_rank or not (self.speculative_config or {}).get("model"):
+            return 0.0
+        from raylm.cluster.draft_proposer import DRAFT_GPU_SHARE
+
+        return DRAFT_GPU_SHARE
 
     def placement_group_bundles(self) -> list[dict[str, float]]:
         """One bundle per tensor-parallel rank; bundle 0 also holds the replica actor."""
