@@ -63,9 +63,11 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
     if args.pair:
         from raylm.workers.make_pair import make_spec_pair
 
+        overrides = {} if args.draft_layers is None else {"num_hidden_layers": args.draft_layers}
         target, draft = make_spec_pair(args.out, arch=args.arch, preset=args.preset,
                                        extra_layers=args.extra_layers,
-                                       residual_scale=args.residual_scale, seed=args.seed)
+                                       residual_scale=args.residual_scale, seed=args.seed,
+                                       **overrides)
         print(f"wrote a matched speculative pair ({args.arch}, {args.preset}): target {target}, "
               f"draft {draft}")
         return 0
@@ -103,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the target adds layers with small residual writes; see make_pair.py)")
     p.add_argument("--extra-layers", type=int, default=6, help="--pair: target layers beyond "
                                                                  "the draft's")
+    p.add_argument("--draft-layers", type=int, default=None,
+                   help="--pair: the draft's layers (default: the preset's)")
     p.add_argument("--residual-scale", type=float, default=0.05,
                    help="--pair: scale of the extra layers' output projections (smaller = the "
                         "draft agrees more)")

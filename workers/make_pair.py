@@ -36,8 +36,8 @@ def make_spec_pair(out_dir: str | os.PathLike, arch: str = "llama", preset: str 
         draft_state.update(load_file(str(file)))
     draft_config = make_config(arch, preset, **config_overrides)
     num_layers = draft_config.num_hidden_layers
-    config = make_config(arch, preset, num_hidden_layers=num_layers + extra_layers,
-                         **config_overrides)
+    config = make_config(arch, preset, **{**config_overrides,
+                                          "num_hidden_layers": num_layers + extra_layers})
     torch.manual_seed(seed + 1000)
     target = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = target.load_state_dict(draft_state, strict=False)
