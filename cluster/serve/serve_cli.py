@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "stays open)")
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                         help="largest HTTP body / gRPC message accepted (413 / RESOURCE_EXHAUSTED)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model id clients see (default: the checkpoint directory's name)")
     parser.add_argument("--disable-docs", action="store_true",
                         help="turn off /docs, /redoc and /openapi.json (off anyway with an API key)")
     parser.add_argument("--config", default=None, type=Path,
@@ -80,7 +82,7 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
         "tensor_parallel_size": args.tp, "min_replicas": args.min_replicas,
         "max_replicas": args.max_replicas, "target_ongoing_requests": args.target_ongoing_requests,
         "api_key": args.api_key or api_key_from_env(), "max_request_bytes": args.max_request_bytes,
-        "docs": False if args.disable_docs else None,
+        "docs": False if args.disable_docs else None, "served_model_name": args.served_model_name,
     }
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
