@@ -158,6 +158,9 @@ class Ingress:
     @app.get("/health")
     async def health(self) -> JSONResponse:
         """200 while a replica's engine passes its health check (its step loop is alive)."""
+        if http_guard.draining():
+            return JSONResponse(ServeError("unavailable", "the server is shutting down")
+                                .openai_body(), status_code=503)
         try:
             # while no replica is up, a handle call waits for one: a probe needs an answer now
             await asyncio.wait_for(self._llm.check_health.remote(), HEALTH_TIMEOUT_S)
@@ -219,8 +222,15 @@ class Ingress:
 
     # --- gRPC: raylm.v1.Generation -------------------------------------------------------------
 
+    def drain(self) -> None:
+        """`raylm serve` on SIGINT/SIGTERM: refuse new requests (503 / UNAVAILABLE), let the
+        ones in flight finish."""
+        http_guard.start_draining()
+
     def _check_grpc(self, request: Any, grpc_context: "RayServegRPCContext") -> None:
         """The API key (metadata `authorization: Bearer <key>`) and a parseable message."""
+        if http_guard.draining():
+            raise ServeError("unavailable", "the server is shutting down")
         if self._guard.api_key is not None:
             metadata = dict(grpc_context.invocation_metadata())
             if not http_guard.bearer_token_ok(metadata.get("authorization"), self._guard.api_key):
