@@ -105,11 +105,13 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine's step loop died: {self._error!r}")
         if self._stopped or not self._thread.is_alive():
             raise EngineDeadError("the engine is shut down")
+        self.core.check_health()
 
     def shutdown(self) -> None:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self.core.shutdown()
 
     # -- step thread ------------------------------------------------------------------------
     def _drain_inbox(self) -> None:

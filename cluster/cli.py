@@ -14,6 +14,7 @@ _BENCH = {
     "latency": ("raylm.cluster.bench.latency", "batch-1 decode latency against the bandwidth floor"),
     "serve": ("raylm.cluster.bench.serve", "load generator against a running server"),
     "kernels": ("raylm.cluster.bench.kernels", "Triton kernel roofline (GPU only)"),
+    "dispatch": ("raylm.cluster.bench.dispatch", "per-step control overhead of the Ray executor"),
 }
 _SERVE = ("raylm.cluster.serve.serve_cli", "serve a model over gRPC and OpenAI HTTP with Ray Serve")
 
@@ -29,13 +30,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree (ranks run as Ray worker actors when > 1)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-                enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+                enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+                tensor_parallel_size=args.tp)
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
@@ -49,15 +53,15 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from raylm.cluster import LLM, SamplingParams
 
-    llm = LLM(args.model, **engine_kwargs(args))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.sampling_seed)
     prompts = args.prompt or ["Hello"]
-    for out in llm.generate(prompts, params):
-        c = out.outputs[0]
-        print(f"--- prompt: {out.prompt!r} ({len(out.prompt_token_ids)} tokens)")
-        print(c.text)
-        print(f"--- {len(c.token_ids)} tokens, finish_reason={c.finish_reason}")
+    with LLM(args.model, **engine_kwargs(args)) as llm:
+        for out in llm.generate(prompts, params):
+            c = out.outputs[0]
+            print(f"--- prompt: {out.prompt!r} ({len(out.prompt_token_ids)} tokens)")
+            print(c.text)
+            print(f"--- {len(c.token_ids)} tokens, finish_reason={c.finish_reason}")
     return 0
 
 

@@ -66,6 +66,7 @@ class EngineConfig:
         scheduling_policy: str = "fcfs",
         max_queued_requests: int | None = None,
         tensor_parallel_size: int = 1,
+        distributed_executor_backend: str = "auto",
         stream_interval: int = 1,
     ) -> "EngineConfig":
         if device is None:
@@ -84,7 +85,8 @@ class EngineConfig:
                                       enable_chunked_prefill=enable_chunked_prefill,
                                       policy=scheduling_policy,
                                       max_queued_requests=max_queued_requests),
-            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
+                                    distributed_executor_backend=distributed_executor_backend),
             stream_interval=stream_interval,
         )
 

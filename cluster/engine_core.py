@@ -11,7 +11,7 @@ import time
 from raylm.cluster.config import EngineConfig
 from raylm.cluster.errors import QueueFullError
 from raylm.cluster.decoding import Logprobs, make_decoder
-from raylm.cluster.executor import InProcessExecutor
+from raylm.cluster.executor import make_executor
 from raylm.cluster.input_builder import SampleGroup, build_model_input, prompt_hidden_spans
 from raylm.cluster.kv_cache_manager import KVCacheManager
 from raylm.cluster.output_builder import make_request_output
@@ -30,8 +30,12 @@ class EngineCore:
 
         self.config = config
         t0 = time.monotonic()
-        self.executor = InProcessExecutor(config)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.executor.model_path)
+        self.executor = make_executor(config)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.executor.model_path)
+        except BaseException:
+            self.executor.shutdown()  # worker actors must not outlive a failed start
+            raise
         hf_config = self.executor.hf_config
         self.vocab_size = hf_config.vocab_size
         block_size = config.cache.block_size
@@ -321,10 +325,18 @@ class EngineCore:
             "num_generation_tokens": self.num_generation_tokens,
             "num_aborted": self.num_aborted,
             "num_failed": self.num_failed,
+            **self.executor.get_stats(),
         }
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
+
+    def check_health(self) -> None:
+        """Raise if the executor lost a worker (cheap: no step is run)."""
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
 
 
 def _eos_token_ids(tokenizer, model_path) -> frozenset[int]:

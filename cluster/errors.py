@@ -9,6 +9,11 @@ class EngineDeadError(RuntimeError):
     """The engine's step loop died; the replica must be replaced (gRPC UNAVAILABLE / 503)."""
 
 
+class WorkerDiedError(EngineDeadError):
+    """A tensor-parallel rank (or its process) is gone: the engine cannot step any more and the
+    replica must be replaced with a fresh group (gRPC UNAVAILABLE / 503)."""
+
+
 class RequestFailedError(RuntimeError):
     """The engine failed while processing one request; that request ended, the engine goes on
     (gRPC INTERNAL / 500, with a message that names no file or code)."""

@@ -1,6 +1,7 @@
 """LLM: the offline batch API over the engine."""
 from __future__ import annotations
 
+import atexit
 from typing import Sequence as Seq
 
 from raylm.cluster.config import EngineConfig
@@ -11,18 +12,37 @@ from raylm.cluster.sampling_params import SamplingParams
 
 class LLM:
     """``LLM(model, dtype=..., block_size=16, max_num_seqs=256, max_num_batched_tokens=2048,
-    kv_cache_memory=None, enable_prefix_caching=True, seed=0)``; see EngineConfig.from_kwargs."""
+    kv_cache_memory=None, enable_prefix_caching=True, seed=0, tensor_parallel_size=1)``; see
+    EngineConfig.from_kwargs. With ``tensor_parallel_size > 1`` the ranks run as Ray actors
+    (a local Ray starts when none is running); ``shutdown()`` (or leaving a ``with`` block, or
+    the program's exit) stops them."""
 
     def __init__(self, model: str, **kwargs) -> None:
         self.engine = EngineCore(EngineConfig.from_kwargs(model, **kwargs))
+        if self.engine.config.parallel.uses_ray:
+            # Ray worker actors must not outlive the program (in-process needs no cleanup, and
+            # registering would keep every LLM alive until exit).
+            atexit.register(self.shutdown)
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
 
     @property
-    def model_runner(self):
-        return self.engine.executor.runner
+    def executor_info(self) -> dict:
+        """How the model runs: attention backend, dtypes, threads, and per rank its placement."""
+        return self.engine.executor.info
+
+    def shutdown(self) -> None:
+        """Stop the workers (a no-op in-process); the LLM is unusable afterwards."""
+        self.engine.shutdown()
+        atexit.unregister(self.shutdown)
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def generate(self, prompts: str | Seq[str | list[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,

@@ -153,7 +153,7 @@ def test_16bit_kv_cache_stays_close_to_the_fp32_cache(tiny_model):
     params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0)
     ref = LLM(path, dtype="float32", max_num_batched_tokens=16).generate([prompt], params)[0]
     llm = LLM(path, dtype="float32", kv_cache_dtype="bfloat16", max_num_batched_tokens=16)
-    assert llm.model_runner.kv_caches[0][0].dtype == torch.bfloat16
+    assert llm.executor_info["kv_cache_dtype"] == "bfloat16"
     out = llm.generate([prompt], params)[0]
     # Later chunks attend to the rounded K/V of earlier ones: close, not bit-equal.
     for pos in range(1, len(prompt)):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import os
+
 import pytest
 import yaml
 
@@ -100,7 +102,19 @@ def test_gpu_config_is_tensor_parallel_and_autoscaled():
     config = AppConfig.from_args(args)
     assert config.tensor_parallel_size > 1
     assert all(b.get("GPU") == 1 for b in config.placement_group_bundles())
+    # The replica only schedules; each rank's actor takes its whole bundle (one GPU each).
+    assert config.replica_actor_options() == {"num_cpus": 0, "num_gpus": 0}
     assert config.max_replicas > config.min_replicas
+
+
+def test_cpu_tp_replica_fits_the_node():
+    from raylm.cluster.serve.app import AppConfig
+
+    config = AppConfig.from_args({"tensor_parallel_size": 2, "device": "cpu"})
+    bundles = config.placement_group_bundles()
+    # Two ranks split the node's cores (or share one core when there is only one).
+    assert len(bundles) == 2 and sum(b["CPU"] for b in bundles) <= max(2, os.cpu_count())
+    assert config.replica_actor_options()["num_cpus"] == 0
 
 
 def test_app_args_are_checked():

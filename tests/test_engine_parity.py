@@ -36,7 +36,7 @@ def test_torch_reference_backend_matches_hf(tiny_model, monkeypatch):
     monkeypatch.setenv("RAYLM_ATTENTION_BACKEND", "torch")  # the pure-torch oracle path
     path = tiny_model("qwen3")
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=64)
-    assert llm.model_runner.backend.name == "torch"
+    assert llm.executor_info["attention_backend"] == "torch"
     prompts = random_prompts(llm.engine.vocab_size, [1, 17, 90, 130], seed=7)
     _check(llm, path, prompts)
 

@@ -86,6 +86,49 @@ def test_serve_starts_answers_and_exits_on_sigint(tiny_model):
     assert rc == 0
 
 
+def _rank_processes() -> list[int]:
+    """pids of live tensor-parallel rank actors on this machine (Ray titles them ray::Worker)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0]
+        except (OSError, ValueError):
+            continue
+        if title.startswith(b"ray::Worker"):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_serve_tp2_answers_like_tp1_and_leaves_nothing_running(tiny_model):
+    from raylm.cluster import LLM, SamplingParams
+
+    model = str(tiny_model("llama"))
+    http_port, grpc_port = _free_port(), _free_port()
+    proc, lines = _start(["--model", model, "--tp", "2", "--http-port", str(http_port),
+                          "--grpc-port", str(grpc_port), "--num-cpus", "2", "--dtype", "float32",
+                          "--device", "cpu", "--kv-cache-memory", str(32 << 20)])
+    try:
+        _wait_for(lines, "Press Ctrl+C", timeout_s=240)
+        _check_serving(model, http_port, grpc_port)
+        assert len(_rank_processes()) == 2
+        import openai
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none")
+        got = client.completions.create(model=model, prompt="Hello there", max_tokens=8,
+                                        temperature=0).choices[0].text
+    finally:
+        rc = _stop(proc)
+    assert rc == 0
+    expected = LLM(model, dtype="float32").generate(
+        ["Hello there"], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+    assert got == expected
+    deadline = time.monotonic() + 30
+    while _rank_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _rank_processes(), "rank actors outlived `raylm serve`"
+
+
 def test_serve_runs_a_config_file(tiny_model, tmp_path):
     """`--config` runs deploy/serve_config.yaml (here with the tiny model and free ports)."""
     model = str(tiny_model("llama"))
@@ -105,7 +148,7 @@ def test_serve_runs_a_config_file(tiny_model, tmp_path):
     assert rc == 0
 
 
-@pytest.mark.parametrize("flags, field", [(["--tp", "2"], "--tp"),
+@pytest.mark.parametrize("flags, field", [(["--tp", "0"], "--tp"),
                                           (["--config", "/no/such.yaml"], "--config")])
 def test_bad_flags_fail_before_starting_ray(flags, field):
     proc = subprocess.run([sys.executable, "-m", "raylm.cluster.cli", "serve", *flags],

@@ -16,7 +16,7 @@ def test_triton_backend_matches_torch_backend(tiny_model, monkeypatch):
     monkeypatch.setenv("RAYLM_ATTENTION_BACKEND", "triton")
     # A small token budget forces chunked prefill mixed with decodes in one launch.
     llm = LLM(path, dtype="float32", max_num_batched_tokens=32)
-    assert llm.model_runner.backend.name == "triton"
+    assert llm.executor_info["attention_backend"] == "triton"
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert got == ref
     llm.check_integrity()

@@ -53,12 +53,29 @@ class CacheConfig:
             raise ValueError(f"num_blocks_override must be >= 1, got {self.num_blocks_override}")
 
 
+EXECUTOR_BACKENDS = ("auto", "inprocess", "ray")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    # "auto": in this process at tp=1, Ray worker actors otherwise; "ray" forces worker actors
+    # even at tp=1 (the model then runs outside the engine's process).
+    distributed_executor_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
+        if (not isinstance(self.tensor_parallel_size, int) or isinstance(self.tensor_parallel_size, bool)
+                or self.tensor_parallel_size < 1):
             raise ValueError(
-                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"
+                f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}"
             )
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
+                             f"got {self.distributed_executor_backend!r}")
+        if self.distributed_executor_backend == "inprocess" and self.tensor_parallel_size > 1:
+            raise ValueError("distributed_executor_backend='inprocess' runs one rank only; "
+                             f"tensor_parallel_size={self.tensor_parallel_size} needs 'ray'")
+
+    @property
+    def uses_ray(self) -> bool:
+        return self.distributed_executor_backend == "ray" or self.tensor_parallel_size > 1

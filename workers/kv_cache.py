@@ -27,10 +27,13 @@ def available_host_memory() -> int:
         return 4 << 30
 
 
-def num_blocks_for_cpu(kv_cache_memory: int | None, block_bytes: int) -> int:
+def num_blocks_for_cpu(kv_cache_memory: int | None, block_bytes: int, num_ranks: int = 1) -> int:
+    """``kv_cache_memory`` is the whole replica's budget; each of ``num_ranks`` ranks sharing
+    the host's RAM gets an equal part (its blocks hold only its share of the KV heads)."""
     budget = kv_cache_memory
     if budget is None:
         budget = min(int(available_host_memory() * CPU_KV_FRACTION), CPU_KV_CAP_BYTES)
+    budget //= num_ranks
     num_blocks = budget // block_bytes
     if num_blocks < 1:
         raise ValueError(

@@ -62,13 +62,42 @@ def safetensors_files(path: str | pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
-def iter_safetensors(path: str | pathlib.Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every tensor of the checkpoint, one tensor in memory at a time."""
+class CheckpointTensor:
+    """A tensor of a safetensors file, not read yet. ``narrow`` only records which rows or
+    columns a rank keeps; ``load`` reads just those bytes. So a tensor-parallel rank reads its
+    own shard of each weight and never holds the full model (the layers' weight loaders call
+    ``narrow`` then ``load``, exactly as they would on a real tensor)."""
+
+    def __init__(self, source, shape: tuple[int, ...],
+                 index: tuple[slice, ...] | None = None) -> None:
+        self._source = source  # safetensors slice handle (get_slice)
+        self._index = index if index is not None else tuple(slice(0, n) for n in shape)
+        self.shape = torch.Size(s.stop - s.start for s in self._index)
+
+    def narrow(self, dim: int, start: int, length: int) -> "CheckpointTensor":
+        if not (0 <= start and start + length <= self.shape[dim]):
+            raise ValueError(f"shard [{start}, {start + length}) is outside dim {dim} of a "
+                             f"checkpoint tensor of shape {tuple(self.shape)}")
+        base = self._index[dim].start
+        index = list(self._index)
+        index[dim] = slice(base + start, base + start + length)
+        return CheckpointTensor(self._source, (), tuple(index))
+
+    def load(self) -> torch.Tensor:
+        if not self.shape:  # 0-d
+            return self._source[:]
+        return self._source[self._index]
+
+
+def iter_safetensors(path: str | pathlib.Path) -> Iterator[tuple[str, CheckpointTensor]]:
+    """Yield (name, lazy tensor) for every tensor of the checkpoint; nothing is read until a
+    weight loader asks for its shard."""
     files = safetensors_files(path)
     for file in tqdm(files, desc="Loading safetensors", unit="file", disable=len(files) < 2):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                source = f.get_slice(name)
+                yield name, CheckpointTensor(source, tuple(source.get_shape()))
 
 
 def resolve_dtype(dtype: str, hf_config: Any) -> torch.dtype:

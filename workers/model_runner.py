@@ -19,12 +19,27 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
+    """One rank's model, KV cache and sampler. Built in three phases so that a tensor-parallel
+    executor can size the KV pool as the minimum over ranks (DESIGN.md section 2):
+    ``ModelRunner(...)`` loads the weights, ``determine_num_blocks()`` measures what the
+    device holds, ``initialize_kv_cache(num_blocks)`` allocates the pool the executor chose.
+
+    Only rank 0 (the driver rank) samples; the other ranks run the forward and the collectives
+    of the LM head, and ``execute`` returns None on them.
+    """
+
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, *,
                  max_num_batched_tokens: int, max_num_seqs: int = 256, tp_rank: int = 0,
                  tp_size: int = 1, tp_group=None) -> None:
         from transformers import AutoConfig
 
         torch.manual_seed(model_config.seed)
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.is_driver = tp_rank == 0
+        self.tp_size = tp_size
         self.device = torch.device(model_config.device)
         self.model_path = resolve_model_path(model_config.model, model_config.revision)
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
@@ -40,41 +55,57 @@ class ModelRunner:
                                 backend=self.backend, tp_rank=tp_rank, tp_size=tp_size,
                                 tp_group=tp_group)
         self.sampler = Sampler()
-        self.num_blocks = self._size_kv_cache(cache_config, max_num_batched_tokens)
-        self.kv_caches = kv_cache.allocate_kv_caches(
-            self.model.num_layers, self.num_blocks, self.block_size, self.model.num_kv_heads,
-            self.model.head_dim, self.kv_dtype, self.device)
+        self.num_blocks = 0
+        self.kv_caches: list = []
         self.cuda_graphs = None
-        if self.device.type == "cuda" and not model_config.enforce_eager:
+
+    def info(self) -> dict:
+        """What the executor reports about this rank (logs, tests, metrics)."""
+        return {"attention_backend": self.backend.name, "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
+                "num_kv_heads_per_rank": self.model.num_kv_heads,
+                "num_blocks": self.num_blocks, "torch_threads": torch.get_num_threads()}
+
+    def determine_num_blocks(self) -> int:
+        """How many KV blocks this rank's device holds (profiles a forward on GPU)."""
+        if self.cache_config.num_blocks_override is not None:
+            return self.cache_config.num_blocks_override
+        if self.device.type == "cuda":
+            self._profile_forward(self.max_num_batched_tokens)
+            return kv_cache.num_blocks_for_gpu(self.device,
+                                               self.cache_config.gpu_memory_utilization,
+                                               self._block_bytes)
+        # Host RAM is one pool for every rank of the node: each takes its share of the budget.
+        return kv_cache.num_blocks_for_cpu(self.cache_config.kv_cache_memory, self._block_bytes,
+                                           num_ranks=self.tp_size)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the pool (the same ``num_blocks`` on every rank) and capture CUDA graphs."""
+        self.num_blocks = num_blocks
+        self.kv_caches = kv_cache.allocate_kv_caches(
+            self.model.num_layers, num_blocks, self.block_size, self.model.num_kv_heads,
+            self.model.head_dim, self.kv_dtype, self.device)
+        if self.device.type == "cuda" and not self.model_config.enforce_eager:
             from raylm.workers.cuda_graphs import CudaGraphRunner
 
             max_seq_len = getattr(self.hf_config, "max_position_embeddings", None) or 2048
-            if model_config.max_model_len is not None:
-                max_seq_len = min(max_seq_len, model_config.max_model_len)
+            if self.model_config.max_model_len is not None:
+                max_seq_len = min(max_seq_len, self.model_config.max_model_len)
             self.cuda_graphs = CudaGraphRunner(self.model, self.kv_caches, self.block_size,
-                                               max_batch_size=max_num_seqs,
-                                               max_seq_len=min(max_seq_len, self.num_blocks
+                                               max_batch_size=self.max_num_seqs,
+                                               max_seq_len=min(max_seq_len, num_blocks
                                                                * self.block_size),
                                                device=self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s on %s, backend %s)",
-                    self.num_blocks, self.block_size,
-                    self.num_blocks * self._block_bytes / 2**20, self.kv_dtype, self.device,
-                    self.backend.name)
+                    num_blocks, self.block_size, num_blocks * self._block_bytes / 2**20,
+                    self.kv_dtype, self.device, self.backend.name)
 
     @property
     def _block_bytes(self) -> int:
         return kv_cache.bytes_per_block(self.model.num_layers, self.block_size,
                                         self.model.num_kv_heads, self.model.head_dim,
                                         self.kv_dtype)
-
-    def _size_kv_cache(self, cache_config: CacheConfig, max_num_batched_tokens: int) -> int:
-        if cache_config.num_blocks_override is not None:
-            return cache_config.num_blocks_override
-        if self.device.type == "cuda":
-            self._profile_forward(max_num_batched_tokens)
-            return kv_cache.num_blocks_for_gpu(self.device, cache_config.gpu_memory_utilization,
-                                               self._block_bytes)
-        return kv_cache.num_blocks_for_cpu(cache_config.kv_cache_memory, self._block_bytes)
 
     @torch.inference_mode()
     def _profile_forward(self, num_tokens: int) -> None:
@@ -123,7 +154,8 @@ class ModelRunner:
         return meta
 
     @torch.inference_mode()
-    def execute(self, inp: ModelInput) -> ModelOutput:
+    def execute(self, inp: ModelInput) -> ModelOutput | None:
+        """Run one step; the output on the driver rank, None on the others."""
         if inp.copy_blocks:
             src, dst = zip(*inp.copy_blocks)
             self.backend.copy_blocks(self.kv_caches, torch.tensor(src, device=self.device),
@@ -136,16 +168,18 @@ class ModelRunner:
         else:
             hidden = self.model(ids, pos, self.kv_caches, meta)  # [num_tokens, hidden]
         out = ModelOutput(sampled_token_ids=[])
-        if inp.hidden_state_rows:
+        if inp.hidden_state_rows and self.is_driver:
             token_rows = torch.tensor(inp.hidden_state_rows, dtype=torch.long, device=self.device)
             out.token_hidden_states = hidden.index_select(0, token_rows)  # [num_rows, hidden]
         if inp.prompt_logprob_rows:
             out.prompt_logprobs = self._prompt_logprobs(hidden, inp)
         if not inp.logits_indices:
-            return out
+            return out if self.is_driver else None
         rows = torch.tensor(inp.logits_indices, dtype=torch.long, device=self.device)
         hidden = hidden.index_select(0, rows)  # [num_sampled, hidden]
-        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab_size]
+        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab_size]; None off rank 0
+        if not self.is_driver:
+            return None
         sampled = self.sampler(logits, inp.sampling,
                                banned_token_ids=inp.sampling.banned_token_ids)
         out.sampled_token_ids = sampled.sampled_token_ids.tolist()
@@ -166,6 +200,8 @@ class ModelRunner:
             for c in range(0, num_rows, self.PROMPT_LOGPROB_CHUNK):
                 n = min(self.PROMPT_LOGPROB_CHUNK, num_rows - c)
                 logits = self.model.compute_logits(hidden[first + c : first + c + n])
+                if logits is None:  # not the driver rank: it only took part in the gather
+                    continue
                 logprobs = torch.log_softmax(logits, dim=-1)  # [n, vocab_size]
                 target = torch.tensor(targets[c : c + n], device=logprobs.device)
                 ids = target[:, None]

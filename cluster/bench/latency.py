@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--num-iters", type=int, default=3, help="timed runs per measurement")
+    parser.add_argument("--tp", type=_tp_list, default=[1],
+                        help="tensor-parallel degrees to time side by side, e.g. 1,2")
     parser.add_argument("--out", default="bench_latency.json", help="JSON result path")
 
 
@@ -66,8 +68,19 @@ def measure_decode(
     }
 
 
-def _raylm_decode(args: argparse.Namespace, request: BenchRequest) -> dict[str, float]:
-    llm = build_llm(args, enable_prefix_caching=False, max_num_seqs=1)
+def _tp_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tp: a comma-separated list of ints, got {text!r}")
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--tp: degrees must be >= 1, got {text!r}")
+    return values
+
+
+def _raylm_decode(args: argparse.Namespace, request: BenchRequest, tp: int = 1
+                  ) -> dict[str, float]:
+    llm = build_llm(args, enable_prefix_caching=False, max_num_seqs=1, tensor_parallel_size=tp)
     params = greedy_params(request.output_len)
 
     def generate() -> TokenTimes:
@@ -78,8 +91,12 @@ def _raylm_decode(args: argparse.Namespace, request: BenchRequest) -> dict[str, 
             raise RuntimeError("the engine returned no per-request timestamps (metrics)")
         return TokenTimes(m.arrival_time, m.first_token_time, m.last_token_time or m.finished_time)
 
-    logger.info("raylm: timing batch-1 decode (%d iterations)", args.num_iters)
+    logger.info("raylm tp=%d: timing batch-1 decode (%d iterations)", tp, args.num_iters)
     result = measure_decode(generate, request.output_len, args.num_iters)
+    stats = llm.get_stats()
+    if "executor_dispatch_us_mean" in stats:
+        result["dispatch_us_per_step"] = stats["executor_dispatch_us_mean"]
+    llm.shutdown()
     del llm
     free_memory()
     return result
@@ -139,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     weight_bytes = counts.decode_weight_bytes(args.dtype)
     floor_s = weight_bytes / bandwidth
 
-    measured = {"raylm": _raylm_decode(args, request)}
+    measured = {("raylm" if tp == 1 else f"raylm tp={tp}"): _raylm_decode(args, request, tp)
+                for tp in args.tp}
     if args.baseline == "hf":
         measured["hf"] = _hf_decode(args, request, device)
     results: dict[str, dict[str, float]] = {}
@@ -165,9 +183,10 @@ def run(args: argparse.Namespace) -> int:
             "bytes_definition": roofline.BYTES_DEFINITION,
         },
         "results": results,
+        "tp": args.tp,
         "decode_speed_ratio": (
             results["hf"]["decode_s_per_token"] / results["raylm"]["decode_s_per_token"]
-            if "hf" in results else None
+            if "hf" in results and "raylm" in results else None
         ),
     }
     _print_summary(data)
@@ -199,6 +218,12 @@ def _print_summary(data: dict[str, Any]) -> None:
         ("system", "decode ms/token", "tokens/s", "TTFT ms", "of floor"), rows))
     if data["decode_speed_ratio"] is not None:
         print(f"raylm decode speed / hf: {data['decode_speed_ratio']:.2f}x")
+    base = data["results"].get("raylm")
+    for name, r in data["results"].items():
+        if name.startswith("raylm tp=") and base is not None:
+            print(f"{name} decode speed / tp=1: "
+                  f"{base['decode_s_per_token'] / r['decode_s_per_token']:.2f}x "
+                  f"(executor dispatch {r.get('dispatch_us_per_step', 0):.0f} us/step)")
     print(f"memory floor: {roof['floor_ms_per_token']:.3f} ms/token = "
           f"{roof['decode_weight_bytes'] / 1e6:.1f} MB of weights at "
           f"{roof['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s measured")

@@ -19,14 +19,22 @@ DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 9000
 
 
-def _node_cpus() -> float:
-    """The cores a CPU replica computes on: this node's, capped by what Ray was given."""
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cpus_per_rank(tp: int) -> float:
+    """A CPU replica computes on this node's cores (capped by what Ray was given), split evenly
+    over its tensor-parallel ranks: whole cores when there are enough, else a share of one."""
     import ray
 
     cpus = float(os.cpu_count() or 1)
     if ray.is_initialized():
         cpus = min(cpus, ray.cluster_resources().get("CPU", cpus))
-    return max(cpus, 1.0)
+    cpus = max(cpus, 1.0)
+    return float(int(cpus // tp)) if cpus >= tp else cpus / tp
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,8 @@ class AppConfig:
     # placement: resources of each tensor-parallel rank's bundle; None = on CPU the node's
     # cores (a CPU replica computes on all of them), with a GPU one core
     num_cpus_per_rank: float | None = None
-    num_gpus_per_rank: float = 0.0
+    # None = one GPU per rank when the model runs on CUDA, else none
+    num_gpus_per_rank: float | None = None
     # autoscaling
     min_replicas: int = 1
     max_replicas: int = 1
@@ -76,14 +85,22 @@ class AppConfig:
                              f"({self.min_replicas})")
         if self.target_ongoing_requests <= 0:
             raise ValueError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        if self.device is None:
+            # Decided here, in the process that builds the app: a replica actor that reserved
+            # no GPU cannot see one, so it must be told.
+            object.__setattr__(self, "device", _default_device())
+        if self.num_gpus_per_rank is None:
+            object.__setattr__(self, "num_gpus_per_rank",
+                               1.0 if self.device.startswith("cuda") else 0.0)
         if not isinstance(self.max_request_bytes, int) or self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be a positive integer, "
                              f"got {self.max_request_bytes!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ValueError("api_key must be a non-empty string")
         if self.num_cpus_per_rank is None:
-            on_gpu = self.num_gpus_per_rank > 0 or self.device == "cuda"
-            object.__setattr__(self, "num_cpus_per_rank", 1.0 if on_gpu else _node_cpus())
+            on_gpu = self.num_gpus_per_rank > 0 or self.device.startswith("cuda")
+            object.__setattr__(self, "num_cpus_per_rank",
+                               1.0 if on_gpu else _cpus_per_rank(self.tensor_parallel_size))
         if self.num_cpus_per_rank < 0 or self.num_gpus_per_rank < 0:
             raise ValueError("num_cpus_per_rank / num_gpus_per_rank must be >= 0")
 
@@ -112,6 +129,13 @@ class AppConfig:
         out["tensor_parallel_size"] = self.tensor_parallel_size
         return out
 
+    def replica_actor_options(self) -> dict[str, float]:
+        """At tp=1 the replica computes in-process and takes bundle 0's resources; with worker
+        actors (tp > 1) it only schedules, and each rank's actor takes its whole bundle."""
+        if self.tensor_parallel_size > 1:
+            return {"num_cpus": 0, "num_gpus": 0}
+        return {"num_cpus": self.num_cpus_per_rank, "num_gpus": self.num_gpus_per_rank}
+
     def placement_group_bundles(self) -> list[dict[str, float]]:
         """One bundle per tensor-parallel rank; bundle 0 also holds the replica actor."""
         bundle = {"CPU": self.num_cpus_per_rank}
@@ -132,8 +156,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         autoscaling_config=config.autoscaling_config(),
         placement_group_bundles=config.placement_group_bundles(),
         placement_group_strategy="STRICT_PACK",  # TP ranks share a node (NVLink)
-        ray_actor_options={"num_cpus": config.num_cpus_per_rank,
-                           "num_gpus": config.num_gpus_per_rank},
+        ray_actor_options=config.replica_actor_options(),
         max_ongoing_requests=config.max_ongoing_requests,
     ).bind(config.engine_args())
     return Ingress.bind(llm_server, config.ingress_options())

@@ -34,6 +34,11 @@ class ServerMetrics:
         self.prefix_hit_rate = metrics.Gauge("raylm_prefix_cache_hit_rate",
                                              "Prompt tokens served from the prefix cache (0..1).",
                                              tag_keys=tags)
+        self.dispatch_us = metrics.Gauge(
+            "raylm_executor_dispatch_microseconds",
+            "Mean per-step control overhead of the tensor-parallel executor (wall time of a step "
+            "minus rank 0's compute); 0 when the model runs in the replica's process.",
+            tag_keys=tags)
         self.ttft = metrics.Histogram("raylm_time_to_first_token_seconds",
                                       "Arrival to first generated token.",
                                       boundaries=_LATENCY_BOUNDARIES, tag_keys=tags)
@@ -57,6 +62,7 @@ class ServerMetrics:
         self.waiting.set(stats.get("num_waiting", 0), tags=self._tags)
         self.kv_usage.set(float(stats.get("kv_usage", 0.0)), tags=self._tags)
         self.prefix_hit_rate.set(float(stats.get("prefix_cache_hit_rate", 0.0)), tags=self._tags)
+        self.dispatch_us.set(float(stats.get("executor_dispatch_us_mean", 0.0)), tags=self._tags)
         for key, counter in self._counters.items():
             value = int(stats.get(key, 0))
             delta = value - self._last_counts[key]

@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint directory or HF repo id (default: the built-in demo model)")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (e.g. 'auto'); default starts a local Ray")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree per replica")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel degree per replica: one Ray worker actor per rank "
+                             "(one GPU each; on CPU each rank computes on its share of the cores)")
     parser.add_argument("--min-replicas", type=int, default=1)
     parser.add_argument("--max-replicas", type=int, default=1)
     parser.add_argument("--target-ongoing-requests", type=float, default=16.0,
@@ -73,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def app_args(args: argparse.Namespace) -> dict[str, Any]:
     """The build_app args the flags describe."""
-    if args.tp != 1:
-        raise ValueError(f"--tp: only 1 is supported by `raylm serve` for now, got {args.tp}")
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
     out = {
         "model": args.model, "dtype": args.dtype, "device": args.device,
         "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,

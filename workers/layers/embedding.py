@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from raylm.kernels.linear import linear
 
-from raylm.workers.layers.parallel import SINGLE_DEVICE, TPGroup, make_param
+from raylm.workers.layers.parallel import SINGLE_DEVICE, TPGroup, make_param, materialize
 
 
 class VocabParallelEmbedding(torch.nn.Module):
@@ -34,7 +34,7 @@ class VocabParallelEmbedding(torch.nn.Module):
             )
         rows = self.vocab_end - self.vocab_start
         param.data[rows:].zero_()
-        param.data[:rows].copy_(loaded_weight.narrow(0, self.vocab_start, rows))
+        param.data[:rows].copy_(materialize(loaded_weight.narrow(0, self.vocab_start, rows)))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
         if self.tp.size == 1:
@@ -47,10 +47,15 @@ class VocabParallelEmbedding(torch.nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """logits = h E^T over the (sharded) vocabulary; every rank ends with the full row."""
+    """logits = h E^T over the (sharded) vocabulary, gathered on rank 0 only (the rank that
+    samples); the other ranks get None. Shards are padded to equal size, so a vocabulary that
+    does not divide by tp still gathers in one collective."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_rows, vocab_size] float32
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # [num_rows, vocab] fp32
         logits = linear(hidden, self.weight)  # [num_rows, vocab_size / tp (padded)]
         if self.tp.size > 1:
-            logits = self.tp.all_gather_last_dim(logits)[:, : self.vocab_size]
+            logits = self.tp.gather_last_dim_to_first(logits)
+            if logits is None:
+                return None
+            logits = logits[:, : self.vocab_size]
         return logits.float()

@@ -11,7 +11,7 @@ import torch
 
 from raylm.kernels.linear import linear
 
-from raylm.workers.layers.parallel import SINGLE_DEVICE, TPGroup, divide, make_param
+from raylm.workers.layers.parallel import SINGLE_DEVICE, TPGroup, divide, make_param, materialize
 
 
 class ColumnParallelLinear(torch.nn.Module):
@@ -125,10 +125,10 @@ class RowParallelLinear(torch.nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    if dst.shape != src.shape:
+def _copy(dst: torch.Tensor, src) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(
             f"checkpoint shard shape {tuple(src.shape)} does not match parameter shard "
             f"shape {tuple(dst.shape)}"
         )
-    dst.copy_(src)
+    dst.copy_(materialize(src))

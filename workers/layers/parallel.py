@@ -33,14 +33,20 @@ class TPGroup:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's ``x`` along the last dimension (same shape on every rank)."""
+    def gather_last_dim_to_first(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Every rank's ``x`` concatenated along the last dimension on rank 0 only; None on the
+        other ranks (the LM head: only rank 0 samples, so nobody else needs the logits)."""
         if self.size == 1:
             return x
         x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x, group=self.group)
-        return torch.cat(parts, dim=-1)
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
+        dist.gather(x, parts, dst=self._global_rank(0), group=self.group)
+        return torch.cat(parts, dim=-1) if self.rank == 0 else None
+
+    def _global_rank(self, group_rank: int) -> int:
+        if self.group is None:
+            return group_rank
+        return dist.get_global_rank(self.group, group_rank)
 
 
 SINGLE_DEVICE = TPGroup()
@@ -53,15 +59,21 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-def default_weight_loader(param: torch.nn.Parameter, loaded_weight: torch.Tensor,
+def materialize(weight: Any) -> torch.Tensor:
+    """A checkpoint tensor in memory: loaders receive lazy slices of the file (see
+    ``loader.CheckpointTensor``) and read only the rows they keep."""
+    return weight if isinstance(weight, torch.Tensor) else weight.load()
+
+
+def default_weight_loader(param: torch.nn.Parameter, loaded_weight: Any,
                           shard_id: Any = None) -> None:
     """Replicated parameter: every rank copies the whole tensor."""
-    if param.shape != loaded_weight.shape:
+    if tuple(param.shape) != tuple(loaded_weight.shape):
         raise ValueError(
             f"weight shape {tuple(loaded_weight.shape)} does not match parameter "
             f"shape {tuple(param.shape)}"
         )
-    param.data.copy_(loaded_weight)
+    param.data.copy_(materialize(loaded_weight))
 
 
 def make_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
