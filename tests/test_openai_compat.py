@@ -151,3 +151,22 @@ def test_max_tokens_that_cannot_fit_is_400_naming_the_numbers(server):
                                            "ignore_eos": True, "truncate_max_tokens": True})
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
     assert ok.json()["usage"]["completion_tokens"] == CONTEXT - 3
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "Hello", "max_tokens": 5}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}),
+])
+def test_continuous_usage_stats_on_every_chunk(server, path, body):
+    import json
+
+    body = {**body, "ignore_eos": True, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with requests.post(server["http"] + path, json=body, stream=True, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
+    with_text = [c for c in chunks if c["choices"] and c["choices"][0].get("finish_reason") is None
+                 and (c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content"))]
+    assert with_text and all("usage" in c for c in with_text)
+    counts = [c["usage"]["completion_tokens"] for c in with_text]
+    assert counts == sorted(counts) and counts[0] >= 1
+    assert chunks[-1]["usage"]["completion_tokens"] == 5

@@ -198,7 +198,7 @@ class Ingress:
         if body.stream:
             return StreamingResponse(
                 openai_routes.completion_stream(starts, body.n, model, body.include_usage,
-                                                body.echo),
+                                                body.echo, body.continuous_usage),
                 media_type="text/event-stream")
         try:
             return JSONResponse(await openai_routes.completion_response(starts, body.n, model,
@@ -213,7 +213,8 @@ class Ingress:
         first, rest = await self._start(await self._resolve_model(body.to_request()))
         if body.stream:
             return StreamingResponse(
-                openai_routes.chat_stream(first, rest, model, body.include_usage),
+                openai_routes.chat_stream(first, rest, model, body.include_usage,
+                                          body.continuous_usage),
                 media_type="text/event-stream")
         try:
             return JSONResponse(await openai_routes.chat_response(first, rest, model))

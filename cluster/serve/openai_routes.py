@@ -166,18 +166,24 @@ async def _ending_with_error(chunks: AsyncIterator[str], streams: list[ItemStrea
 
 
 def completion_stream(starts: list[tuple[dict, ItemStream]], n: int, model: str,
-                      include_usage: bool, echo: bool = False) -> AsyncIterator[str]:
-    return _ending_with_error(_completion_chunks(starts, n, model, include_usage, echo),
-                              [rest for _, rest in starts])
+                      include_usage: bool, echo: bool = False, continuous_usage: bool = False
+                      ) -> AsyncIterator[str]:
+    """`continuous_usage` (vLLM's stream_options.continuous_usage_stats): the usage so far on
+    every chunk, besides the final usage chunk of `include_usage`."""
+    return _ending_with_error(
+        _completion_chunks(starts, n, model, include_usage, echo, continuous_usage),
+        [rest for _, rest in starts])
 
 
-def chat_stream(first: dict, rest: ItemStream, model: str, include_usage: bool
-                ) -> AsyncIterator[str]:
-    return _ending_with_error(_chat_chunks(first, rest, model, include_usage), [rest])
+def chat_stream(first: dict, rest: ItemStream, model: str, include_usage: bool,
+                continuous_usage: bool = False) -> AsyncIterator[str]:
+    return _ending_with_error(_chat_chunks(first, rest, model, include_usage, continuous_usage),
+                              [rest])
 
 
 async def _completion_chunks(starts: list[tuple[dict, ItemStream]], n: int, model: str,
-                             include_usage: bool, echo: bool) -> AsyncIterator[str]:
+                             include_usage: bool, echo: bool, continuous_usage: bool
+                             ) -> AsyncIterator[str]:
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prompt_tokens = completion_tokens = cached = 0
     no_echo = _Echo({}, False)
@@ -191,10 +197,12 @@ async def _completion_chunks(starts: list[tuple[dict, ItemStream]], n: int, mode
                 # the echoed prompt opens each choice's first chunk
                 this_echo = no_echo if c["index"] in opened else first_echo
                 opened.add(c["index"])
+                usage = ({"usage": _usage(prompt_tokens + item["prompt_tokens"],
+                                          completion_tokens, cached)} if continuous_usage else {})
                 yield _sse({"id": rid, "object": "text_completion", "created": created,
                             "model": model, "choices": [_completion_choice(
                                 c["index"] + prompt_index * n, c["text"], c["logprobs"],
-                                c["finish_reason"], this_echo)]})
+                                c["finish_reason"], this_echo)], **usage})
         prompt_tokens += last["prompt_tokens"]
         cached += last.get("cached_tokens", 0)
     if include_usage:
@@ -218,8 +226,8 @@ async def chat_response(first: dict, rest: ItemStream, model: str) -> dict:
     return body
 
 
-async def _chat_chunks(first: dict, rest: ItemStream, model: str, include_usage: bool
-                       ) -> AsyncIterator[str]:
+async def _chat_chunks(first: dict, rest: ItemStream, model: str, include_usage: bool,
+                       continuous_usage: bool) -> AsyncIterator[str]:
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(choices: list[dict], **extra: Any) -> str:
@@ -237,9 +245,11 @@ async def _chat_chunks(first: dict, rest: ItemStream, model: str, include_usage:
                               "logprobs": None, "finish_reason": None}])
             completion_tokens += len(c["token_ids"])
             delta = {"content": c["text"]} if c["text"] or c["finish_reason"] is None else {}
+            usage = ({"usage": _usage(item["prompt_tokens"], completion_tokens,
+                                      item.get("cached_tokens", 0))} if continuous_usage else {})
             yield chunk([{"index": c["index"], "delta": delta,
                           "logprobs": chat_logprobs(c["logprobs"]),
-                          "finish_reason": c["finish_reason"]}])
+                          "finish_reason": c["finish_reason"]}], **usage)
     if include_usage:
         yield chunk([], usage=_usage(last["prompt_tokens"], completion_tokens,
                                      last.get("cached_tokens", 0)))

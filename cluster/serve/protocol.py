@@ -57,6 +57,7 @@ _UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "functio
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far on every chunk
 
 
 class _SamplingBody(_Strict):
@@ -110,6 +111,10 @@ class _SamplingBody(_Strict):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_SamplingBody):
