@@ -170,3 +170,21 @@ def test_continuous_usage_stats_on_every_chunk(server, path, body):
     counts = [c["usage"]["completion_tokens"] for c in with_text]
     assert counts == sorted(counts) and counts[0] >= 1
     assert chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_grpc_max_tokens_that_cannot_fit(server):
+    import grpc
+
+    from raylm.proto import generation_pb2 as pb
+    from serve_builders import METADATA
+
+    ids = pb.TokenIds(ids=[5, 6, 7])
+    with pytest.raises(grpc.RpcError) as info:
+        server["stub"].Generate(pb.GenerateRequest(token_ids=ids, sampling=pb.SamplingOptions(
+            max_tokens=100000)), metadata=METADATA, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(CONTEXT) in info.value.details()
+    reply = server["stub"].Generate(pb.GenerateRequest(token_ids=ids, sampling=pb.SamplingOptions(
+        max_tokens=100000, ignore_eos=True, truncate_max_tokens=True)), metadata=METADATA,
+        timeout=120)
+    assert reply.usage.completion_tokens == CONTEXT - 3
