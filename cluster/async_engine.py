@@ -61,10 +61,11 @@ class AsyncEngine:
 
     # -- API --------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None, priority: int = 0
-                       ) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, priority: int = 0,
+                       max_tokens_must_fit: bool = False) -> AsyncIterator[RequestOutput]:
         self.check_health()
-        request = self.core.make_request(prompt, sampling_params, request_id, priority)
+        request = self.core.make_request(prompt, sampling_params, request_id, priority,
+                                         max_tokens_must_fit=max_tokens_must_fit)
         rid = request.request_id
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:

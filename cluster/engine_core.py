@@ -70,8 +70,11 @@ class EngineCore:
 
     # -- requests ---------------------------------------------------------------------------
     def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                     request_id: str | None = None, priority: int = 0) -> Request:
-        """Tokenize and validate; raises ValueError naming the field. Does not enqueue."""
+                     request_id: str | None = None, priority: int = 0,
+                     max_tokens_must_fit: bool = False) -> Request:
+        """Tokenize and validate; raises ValueError naming the field. Does not enqueue.
+        `max_tokens_must_fit`: refuse a max_tokens the context cannot hold after the prompt
+        (the servers' default) instead of ending at the context with finish_reason "length"."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -92,6 +95,11 @@ class EngineCore:
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; the model's context "
                              f"(max_model_len) is {self.max_model_len}, leaving no room to generate")
+        if max_tokens_must_fit and len(token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"max_tokens: the prompt has {len(token_ids)} tokens and max_tokens "
+                             f"is {params.max_tokens}, more than the model's context of "
+                             f"{self.max_model_len} tokens; ask for at most "
+                             f"{self.max_model_len - len(token_ids)}")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an int, got {priority!r}")
         self._check_fits(params)

@@ -172,7 +172,7 @@ def test_serve_with_an_api_key_on_loopback_stops_cleanly_on_sigterm(tiny_model):
                           str(grpc_port), "--host", "127.0.0.1", "--api-key", "k3y",
                           "--num-cpus", "2", "--dtype", "float32", "--device", "cpu",
                           "--kv-cache-memory", str(32 << 20), "--max-num-seqs", "8"])
-    children = []
+    children, terminated = [], False
     try:
         output = _wait_for(lines, "Press Ctrl+C", timeout_s=240)
         assert any("API key required" in line for line in output)
@@ -193,14 +193,31 @@ def test_serve_with_an_api_key_on_loopback_stops_cleanly_on_sigterm(tiny_model):
             reply = stub.Generate(request, metadata=(("application", "raylm"),
                                                      ("authorization", "Bearer k3y")))
             assert len(reply.choices[0].token_ids) == 2
+        # SIGTERM during a stream: the stream completes (drain), then everything stops
+        body = {"prompt": "Once", "max_tokens": 400, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with requests.post(url + "/v1/completions", json=body, stream=True, timeout=120,
+                           headers={"Authorization": "Bearer k3y"}) as resp:
+            events = []
+            for line in resp.iter_lines():
+                if line.startswith(b"data: "):
+                    if not events:
+                        proc.send_signal(signal.SIGTERM)
+                        terminated = True
+                    events.append(line[6:])
+        assert events[-1] == b"[DONE]" and b'"error"' not in b"".join(events)
+        assert b'"completion_tokens": 400' in events[-2]
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if not terminated:
+            proc.send_signal(signal.SIGTERM)
         try:
             rc = proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    assert rc == 0, "".join(_drain(lines))
+    output = "".join(_drain(lines))
+    assert rc == 0, output
+    assert "drained" in output
     assert children
     assert _wait_gone(children, timeout_s=30) == [], "Ray processes left running"
 

@@ -74,6 +74,7 @@ class AppConfig:
     api_key: str | None = None  # None: the RAYLM_API_KEY environment variable, if set
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # HTTP bodies (gRPC: RAYLM_MAX_REQUEST_BYTES)
     docs: bool | None = None  # /docs, /redoc, /openapi.json; None: on unless an API key is set
+    served_model_name: str | None = None  # the model id clients see; None: the checkpoint's dir name
 
     def __post_init__(self) -> None:
         for name in ("block_size", "tensor_parallel_size", "min_replicas", "max_replicas",
@@ -121,7 +122,8 @@ class AppConfig:
     def ingress_options(self) -> dict[str, Any]:
         api_key = self.api_key or api_key_from_env()
         docs = self.docs if self.docs is not None else api_key is None
-        return {"api_key": api_key, "max_request_bytes": self.max_request_bytes, "docs": docs}
+        return {"api_key": api_key, "max_request_bytes": self.max_request_bytes, "docs": docs,
+                "served_model_name": self.served_model_name}
 
     def engine_args(self) -> dict[str, Any]:
         engine_fields = ("model", "dtype", "device", "max_model_len", "gpu_memory_utilization",

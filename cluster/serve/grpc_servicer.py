@@ -40,7 +40,8 @@ def generate_request(request: pb.GenerateRequest) -> dict[str, Any]:
     if which is None:
         raise ServeError("invalid_argument", "input: set one of prompt, token_ids or chat", "input")
     out: dict[str, Any] = {"model": request.model or None, "request_id": request.request_id or None,
-                           "sampling": sampling_fields(request.sampling)}
+                           "sampling": sampling_fields(request.sampling),
+                           "truncate_max_tokens": request.sampling.truncate_max_tokens}
     if which == "prompt":
         out["prompt"] = request.prompt
     elif which == "token_ids":

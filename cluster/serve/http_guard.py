@@ -32,12 +32,23 @@ class GuardSettings:
 
 
 _settings = GuardSettings()
+_draining = False
 
 
 def configure(settings: GuardSettings) -> None:
     """Called by the ingress replica at start (one ingress per replica process)."""
     global _settings
     _settings = settings
+
+
+def start_draining() -> None:
+    """Shutting down: new requests get 503 while the ones in flight finish."""
+    global _draining
+    _draining = True
+
+
+def draining() -> bool:
+    return _draining
 
 
 def bearer_token_ok(header: str | None, api_key: str) -> bool:
@@ -70,6 +81,9 @@ class RequestGuard:
         path = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
+        if _draining and path not in OPEN_PATHS:
+            await _reply(send, ServeError("unavailable", "the server is shutting down"))
+            return
         if path in DOCS_PATHS and not settings.docs:
             await _reply(send, ServeError("not_found", "the API docs are turned off"))
             return

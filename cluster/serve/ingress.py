@@ -7,6 +7,7 @@ through Serve's class-based view, and string annotations would turn bodies into 
 import asyncio
 import logging
 import time
+from pathlib import PurePath
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -89,16 +90,32 @@ def _set_status(grpc_context: "RayServegRPCContext", err: ServeError) -> None:
 class Ingress:
     def __init__(self, llm_server: DeploymentHandle, options: dict[str, Any] | None = None) -> None:
         """`options`: api_key (None = open), max_request_bytes, docs (serve /docs, /redoc and
-        /openapi.json)."""
+        /openapi.json), served_model_name (None = the checkpoint directory's name)."""
+        options = dict(options or {})
+        self._served_name: str | None = options.pop("served_model_name", None)
         self._llm = llm_server
         self._info: dict[str, Any] | None = None
-        self._guard = http_guard.GuardSettings(**(options or {}))
+        self._guard = http_guard.GuardSettings(**options)
         http_guard.configure(self._guard)
 
     async def _model_info(self) -> dict[str, Any]:
+        """LLMServer's model info, its `model` being the name clients see (never a path)."""
         if self._info is None:
-            self._info = await self._llm.model_info.remote()
+            info = dict(await self._llm.model_info.remote())
+            path = info["model"]
+            info["model"] = self._served_name or PurePath(path.rstrip("/")).name or path
+            info["aliases"] = {info["model"], path}
+            self._info = info
         return self._info
+
+    async def _resolve_model(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Check the request's `model` against the served name (or the checkpoint path)."""
+        info = await self._model_info()
+        model = request.get("model")
+        if model and model not in info["aliases"]:
+            raise ServeError("not_found", f"model '{model}' is not served here; this server "
+                             f"serves '{info['model']}'", "model")
+        return {**request, "model": None}
 
     async def _items(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """LLMServer's step items; cancels the upstream request if the consumer goes away."""
@@ -141,6 +158,9 @@ class Ingress:
     @app.get("/health")
     async def health(self) -> JSONResponse:
         """200 while a replica's engine passes its health check (its step loop is alive)."""
+        if http_guard.draining():
+            return JSONResponse(ServeError("unavailable", "the server is shutting down")
+                                .openai_body(), status_code=503)
         try:
             # while no replica is up, a handle call waits for one: a probe needs an answer now
             await asyncio.wait_for(self._llm.check_health.remote(), HEALTH_TIMEOUT_S)
@@ -156,21 +176,33 @@ class Ingress:
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self._model_card(await self._model_info())]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str) -> dict[str, Any]:
         info = await self._model_info()
-        return {"object": "list", "data": [{
-            "id": info["model"], "object": "model", "created": int(time.time()),
-            "owned_by": "raylm", "max_model_len": info["max_model_len"]}]}
+        if model_id not in info["aliases"]:
+            raise ServeError("not_found", f"model '{model_id}' is not served here; this server "
+                             f"serves '{info['model']}'", "model")
+        return self._model_card(info)
+
+    @staticmethod
+    def _model_card(info: dict[str, Any]) -> dict[str, Any]:
+        return {"id": info["model"], "object": "model", "created": int(time.time()),
+                "owned_by": "raylm", "max_model_len": info["max_model_len"]}
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
         model = (await self._model_info())["model"]
-        starts = await self._start_all(body.to_requests())
+        starts = await self._start_all([await self._resolve_model(r) for r in body.to_requests()])
         if body.stream:
             return StreamingResponse(
-                openai_routes.completion_stream(starts, body.n, model, body.include_usage),
+                openai_routes.completion_stream(starts, body.n, model, body.include_usage,
+                                                body.echo, body.continuous_usage),
                 media_type="text/event-stream")
         try:
-            return JSONResponse(await openai_routes.completion_response(starts, body.n, model))
+            return JSONResponse(await openai_routes.completion_response(starts, body.n, model,
+                                                                        body.echo))
         finally:  # one prompt failed: the others stop too
             for _, rest in starts:
                 await rest.aclose()
@@ -178,10 +210,11 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
         model = (await self._model_info())["model"]
-        first, rest = await self._start(body.to_request())
+        first, rest = await self._start(await self._resolve_model(body.to_request()))
         if body.stream:
             return StreamingResponse(
-                openai_routes.chat_stream(first, rest, model, body.include_usage),
+                openai_routes.chat_stream(first, rest, model, body.include_usage,
+                                          body.continuous_usage),
                 media_type="text/event-stream")
         try:
             return JSONResponse(await openai_routes.chat_response(first, rest, model))
@@ -190,8 +223,15 @@ class Ingress:
 
     # --- gRPC: raylm.v1.Generation -------------------------------------------------------------
 
+    def drain(self) -> None:
+        """`raylm serve` on SIGINT/SIGTERM: refuse new requests (503 / UNAVAILABLE), let the
+        ones in flight finish."""
+        http_guard.start_draining()
+
     def _check_grpc(self, request: Any, grpc_context: "RayServegRPCContext") -> None:
         """The API key (metadata `authorization: Bearer <key>`) and a parseable message."""
+        if http_guard.draining():
+            raise ServeError("unavailable", "the server is shutting down")
         if self._guard.api_key is not None:
             metadata = dict(grpc_context.invocation_metadata())
             if not http_guard.bearer_token_ok(metadata.get("authorization"), self._guard.api_key):
@@ -205,7 +245,8 @@ class Ingress:
         rest = None
         try:
             self._check_grpc(request, grpc_context)
-            first, rest = await self._start(grpc_servicer.generate_request(request))
+            first, rest = await self._start(
+                await self._resolve_model(grpc_servicer.generate_request(request)))
             collector = grpc_servicer.UnaryCollector((await self._model_info())["model"])
             collector.add(first)
             async for item in rest:
@@ -225,7 +266,8 @@ class Ingress:
         rest = None
         try:
             self._check_grpc(request, grpc_context)
-            first, rest = await self._start(grpc_servicer.generate_request(request))
+            first, rest = await self._start(
+                await self._resolve_model(grpc_servicer.generate_request(request)))
             yield grpc_servicer.stream_response(first)
             async for item in rest:
                 if "error" in item:
@@ -259,7 +301,8 @@ class Ingress:
                            grpc_context: "RayServegRPCContext") -> "pb.ModelInfo":
         try:
             self._check_grpc(request, grpc_context)
-            return grpc_servicer.model_info(await self._model_info())
+            info = await self._model_info()
+            return grpc_servicer.model_info({k: v for k, v in info.items() if k != "aliases"})
         except Exception as exc:
             _set_status(grpc_context, _handle_error(exc))
             return pb.ModelInfo()

@@ -99,8 +99,10 @@ class LLMServer:
         num_logprobs = sampling.logprobs
         timer = self.metrics.timer()
         finished = False
-        stream = self.engine.generate(prompt, sampling, request_id=engine_id,
-                                      priority=int(request.get("priority", 0)))
+        stream = self.engine.generate(
+            prompt, sampling, request_id=engine_id, priority=int(request.get("priority", 0)),
+            max_tokens_must_fit=not request.get("truncate_max_tokens", False))
+        first = True
         try:
             async for out in stream:
                 item = self._step_item(out, client_id, num_logprobs)
@@ -108,6 +110,14 @@ class LLMServer:
                 finished = out.finished
                 if not item["choices"] and not finished:
                     continue
+                if request.get("drop_output"):  # max_tokens 0: the prompt was all it wanted
+                    for c in item["choices"]:
+                        c.update(text="", token_ids=[], logprobs=[] if num_logprobs is not None
+                                 else None)
+                    item["completion_tokens"] = 0
+                if first:
+                    first = False
+                    self._add_prompt_fields(item, out, prompt, request, sampling.prompt_logprobs)
                 yield item
                 if finished:
                     timer.on_finish(out.outputs[0].finish_reason if out.outputs else None)
@@ -118,6 +128,21 @@ class LLMServer:
                 # client gone or cancelled: make sure the engine frees the request's blocks
                 await _quietly(stream.aclose())
                 await _quietly(self.engine.abort(engine_id))
+
+    def _add_prompt_fields(self, item: dict[str, Any], out, prompt: str | list[int],
+                           request: dict[str, Any], num_prompt_logprobs: int | None) -> None:
+        """On a stream's first item: the prompt's text (echo) and its logprobs (entry 0, with
+        no context, has logprob None). The prompt is fully computed once a token exists."""
+        if request.get("echo"):
+            item["prompt_text"] = (prompt if isinstance(prompt, str)
+                                   else self.tokenizer.decode(out.prompt_token_ids))
+        if num_prompt_logprobs is None or out.prompt_logprobs is None:
+            return
+        ids = out.prompt_token_ids
+        entries = [{"token_id": int(ids[0]), "token": self.tokenizer.decode([ids[0]]),
+                    "logprob": None, "top": None}]
+        entries += self._logprobs(ids[1:], out.prompt_logprobs[1:], num_prompt_logprobs) or []
+        item["prompt_logprobs"] = entries
 
     def _step_item(self, out, client_id: str, num_logprobs: int | None) -> dict[str, Any]:
         choices = []

@@ -61,6 +61,7 @@ class _Accumulator:
 
 
 def completion_logprobs(entries: list[dict[str, Any]] | None, text_start: int = 0) -> dict | None:
+    """OpenAI's legacy format; an echoed prompt's first token has logprob and top None."""
     if entries is None:
         return None
     offsets, pos = [], text_start
@@ -69,7 +70,8 @@ def completion_logprobs(entries: list[dict[str, Any]] | None, text_start: int = 
         pos += len(e["token"])
     return {"tokens": [e["token"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in entries],
+            "top_logprobs": [None if e["top"] is None else {t["token"]: t["logprob"] for t in e["top"]}
+                             for e in entries],
             "text_offset": offsets}
 
 
@@ -90,17 +92,55 @@ def _sse(body: dict[str, Any]) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-async def completion_response(starts: list[tuple[dict, ItemStream]], n: int, model: str) -> dict:
+def vllm_prompt_logprobs(entries: list[dict[str, Any]] | None) -> list | None:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token_id: {logprob,
+    decoded_token}} holding the actual token and the top-N."""
+    if entries is None:
+        return None
+    return [None if e["top"] is None else {
+        str(t["token_id"]): {"logprob": t["logprob"], "decoded_token": t["token"]}
+        for t in [{"token_id": e["token_id"], "logprob": e["logprob"], "token": e["token"]},
+                  *e["top"]]} for e in entries]
+
+
+class _Echo:
+    """What a completions choice starts with when the prompt is echoed (per prompt of a batch)."""
+
+    def __init__(self, first: dict[str, Any], echo: bool) -> None:
+        self.text = first.get("prompt_text", "") if echo else ""
+        self.entries = first.get("prompt_logprobs") if echo else None
+        self.prompt_logprobs = vllm_prompt_logprobs(first.get("prompt_logprobs"))
+
+    def logprobs(self, entries: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if entries is None or self.entries is None:
+            return entries
+        return self.entries + entries
+
+
+def _completion_choice(index: int, text: str, entries, finish_reason, echo: _Echo) -> dict:
+    choice = {"index": index, "text": echo.text + text,
+              "logprobs": completion_logprobs(echo.logprobs(entries)),
+              "finish_reason": finish_reason}
+    if echo.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = echo.prompt_logprobs
+    return choice
+
+
+async def completion_response(starts: list[tuple[dict, ItemStream]], n: int, model: str,
+                              echo: bool = False) -> dict:
     acc = _Accumulator()
     prompt_tokens = cached = 0
+    echoes: dict[int, _Echo] = {}
     for prompt_index, (first, rest) in enumerate(starts):
         acc.prompt_tokens = 0
+        echoes[prompt_index] = _Echo(first, echo)
         async for item in _items(first, rest):
             acc.add(item, prompt_index * n)
         prompt_tokens += acc.prompt_tokens
         cached += acc.cached_tokens
-    choices = [{"index": i, "text": c["text"], "logprobs": completion_logprobs(c["logprobs"]),
-                "finish_reason": c["finish_reason"]} for i, c in sorted(acc.choices.items())]
+    choices = [_completion_choice(i, c["text"], c["logprobs"], c["finish_reason"],
+                                  echoes[i // n])
+               for i, c in sorted(acc.choices.items())]
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": model, "choices": choices,
             "usage": _usage(prompt_tokens, acc.completion_tokens, cached)}
@@ -126,31 +166,43 @@ async def _ending_with_error(chunks: AsyncIterator[str], streams: list[ItemStrea
 
 
 def completion_stream(starts: list[tuple[dict, ItemStream]], n: int, model: str,
-                      include_usage: bool) -> AsyncIterator[str]:
-    return _ending_with_error(_completion_chunks(starts, n, model, include_usage),
-                              [rest for _, rest in starts])
+                      include_usage: bool, echo: bool = False, continuous_usage: bool = False
+                      ) -> AsyncIterator[str]:
+    """`continuous_usage` (vLLM's stream_options.continuous_usage_stats): the usage so far on
+    every chunk, besides the final usage chunk of `include_usage`."""
+    return _ending_with_error(
+        _completion_chunks(starts, n, model, include_usage, echo, continuous_usage),
+        [rest for _, rest in starts])
 
 
-def chat_stream(first: dict, rest: ItemStream, model: str, include_usage: bool
-                ) -> AsyncIterator[str]:
-    return _ending_with_error(_chat_chunks(first, rest, model, include_usage), [rest])
+def chat_stream(first: dict, rest: ItemStream, model: str, include_usage: bool,
+                continuous_usage: bool = False) -> AsyncIterator[str]:
+    return _ending_with_error(_chat_chunks(first, rest, model, include_usage, continuous_usage),
+                              [rest])
 
 
 async def _completion_chunks(starts: list[tuple[dict, ItemStream]], n: int, model: str,
-                             include_usage: bool) -> AsyncIterator[str]:
+                             include_usage: bool, echo: bool, continuous_usage: bool
+                             ) -> AsyncIterator[str]:
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prompt_tokens = completion_tokens = cached = 0
+    no_echo = _Echo({}, False)
     for prompt_index, (first, rest) in enumerate(starts):
         last = first
+        first_echo, opened = _Echo(first, echo), set()
         async for item in _items(first, rest):
             last = item
             for c in item["choices"]:
                 completion_tokens += len(c["token_ids"])
+                # the echoed prompt opens each choice's first chunk
+                this_echo = no_echo if c["index"] in opened else first_echo
+                opened.add(c["index"])
+                usage = ({"usage": _usage(prompt_tokens + item["prompt_tokens"],
+                                          completion_tokens, cached)} if continuous_usage else {})
                 yield _sse({"id": rid, "object": "text_completion", "created": created,
-                            "model": model, "choices": [{
-                                "index": c["index"] + prompt_index * n, "text": c["text"],
-                                "logprobs": completion_logprobs(c["logprobs"]),
-                                "finish_reason": c["finish_reason"]}]})
+                            "model": model, "choices": [_completion_choice(
+                                c["index"] + prompt_index * n, c["text"], c["logprobs"],
+                                c["finish_reason"], this_echo)], **usage})
         prompt_tokens += last["prompt_tokens"]
         cached += last.get("cached_tokens", 0)
     if include_usage:
@@ -166,13 +218,16 @@ async def chat_response(first: dict, rest: ItemStream, model: str) -> dict:
     choices = [{"index": i, "message": {"role": "assistant", "content": c["text"]},
                 "logprobs": chat_logprobs(c["logprobs"]), "finish_reason": c["finish_reason"]}
                for i, c in sorted(acc.choices.items())]
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+    body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
             "created": int(time.time()), "model": model, "choices": choices,
             "usage": _usage(acc.prompt_tokens, acc.completion_tokens, acc.cached_tokens)}
+    if first.get("prompt_logprobs") is not None:  # vLLM's extra, at the top level for chat
+        body["prompt_logprobs"] = vllm_prompt_logprobs(first["prompt_logprobs"])
+    return body
 
 
-async def _chat_chunks(first: dict, rest: ItemStream, model: str, include_usage: bool
-                       ) -> AsyncIterator[str]:
+async def _chat_chunks(first: dict, rest: ItemStream, model: str, include_usage: bool,
+                       continuous_usage: bool) -> AsyncIterator[str]:
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(choices: list[dict], **extra: Any) -> str:
@@ -190,9 +245,11 @@ async def _chat_chunks(first: dict, rest: ItemStream, model: str, include_usage:
                               "logprobs": None, "finish_reason": None}])
             completion_tokens += len(c["token_ids"])
             delta = {"content": c["text"]} if c["text"] or c["finish_reason"] is None else {}
+            usage = ({"usage": _usage(item["prompt_tokens"], completion_tokens,
+                                      item.get("cached_tokens", 0))} if continuous_usage else {})
             yield chunk([{"index": c["index"], "delta": delta,
                           "logprobs": chat_logprobs(c["logprobs"]),
-                          "finish_reason": c["finish_reason"]}])
+                          "finish_reason": c["finish_reason"]}], **usage)
     if include_usage:
         yield chunk([], usage=_usage(last["prompt_tokens"], completion_tokens,
                                      last.get("cached_tokens", 0)))

@@ -31,7 +31,7 @@ def _check_unicode(value: Any) -> None:
 class _Strict(BaseModel):
     """No coercion (`"4"` is not 4, `true` is not 1), no NaN or infinities, valid Unicode."""
 
-    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 
     @field_validator("*", mode="after")
     @classmethod
@@ -44,12 +44,20 @@ MAX_CHOICES = 1024  # prompts x n of one completions request (each is an engine 
 _SAMPLING_FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "seed", "min_tokens", "stop_token_ids", "ignore_eos",
-    "skip_special_tokens", "include_stop_str_in_output",
+    "skip_special_tokens", "include_stop_str_in_output", "prompt_logprobs",
 )
+
+
+# OpenAI / vLLM fields a client may rely on that raylm does not implement: a 400 naming the
+# field, never a silent 200 that ignored it (unknown fields are refused too: extra="forbid").
+_UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call",
+                "parallel_tool_calls", "logit_bias", "guided_json", "guided_regex",
+                "guided_choice", "guided_grammar", "structured_outputs", "suffix")
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far on every chunk
 
 
 class _SamplingBody(_Strict):
@@ -64,7 +72,20 @@ class _SamplingBody(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    # refused when set (see _UNSUPPORTED)
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    logit_bias: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    suffix: Any = None
     # raylm extras
     top_k: int | None = None
     min_p: float | None = None
@@ -74,11 +95,15 @@ class _SamplingBody(_Strict):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    request_id: str | None = None
+    prompt_logprobs: int | None = None  # vLLM's extra: top-N per prompt token
+    # generate until the context is full instead of refusing a max_tokens that cannot fit
+    truncate_max_tokens: bool = False
 
     def _sampling(self) -> dict[str, Any]:
-        if self.logit_bias:
-            raise ServeError("invalid_argument", "logit_bias is not supported", "logit_bias")
+        for name in _UNSUPPORTED:
+            if getattr(self, name) is not None:
+                raise ServeError("invalid_argument", f"{name} is not supported by this server",
+                                 name)
         fields = {name: getattr(self, name) for name in _SAMPLING_FIELDS}
         fields["stop"] = self.stop
         return {k: v for k, v in fields.items() if v is not None}
@@ -87,6 +112,10 @@ class _SamplingBody(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
 
 class CompletionRequest(_SamplingBody):
     prompt: Union[str, list[str], list[int], list[list[int]]]
@@ -94,7 +123,6 @@ class CompletionRequest(_SamplingBody):
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
-    suffix: str | None = None
 
     def prompts(self) -> list[dict[str, Any]]:
         """One LLMServer input per prompt of the batch."""
@@ -116,22 +144,28 @@ class CompletionRequest(_SamplingBody):
             raise ServeError("invalid_argument", f"prompt: {len(self.prompts())} prompts x n="
                              f"{self.n} is {num_choices} choices; at most {MAX_CHOICES} per "
                              f"request", "prompt")
-        for name in ("echo", "suffix"):
-            if getattr(self, name):
-                raise ServeError("invalid_argument", f"{name} is not supported", name)
         if self.best_of is not None and self.best_of != self.n:
             raise ServeError("invalid_argument", "best_of must equal n (or be unset)", "best_of")
         sampling = self._sampling()
-        if self.max_tokens is not None:
+        extra: dict[str, Any] = {"echo": self.echo, "truncate_max_tokens": self.truncate_max_tokens}
+        if self.max_tokens == 0 and (self.echo or self.prompt_logprobs is not None):
+            # score the prompt only (lm-eval's loglikelihood): one step, its token dropped
+            sampling["max_tokens"] = 1
+            extra["drop_output"] = True
+        elif self.max_tokens is not None:
             sampling["max_tokens"] = self.max_tokens
         if self.logprobs is not None:
             sampling["logprobs"] = self.logprobs
-        return [{**inp, "model": self.model, "sampling": sampling} for inp in self.prompts()]
+            if self.echo:  # the echoed prompt carries its logprobs too (OpenAI's legacy format)
+                sampling["prompt_logprobs"] = max(self.logprobs, sampling.get("prompt_logprobs") or 0)
+        return [{**inp, "model": self.model, "sampling": sampling, **extra}
+                for inp in self.prompts()]
 
 
 class ChatMessageBody(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[str, list[dict[str, Any]], None] = None
+    name: str | None = None  # handed to the chat template
 
     def text(self) -> str:
         if self.content is None:
@@ -165,7 +199,10 @@ class ChatCompletionRequest(_SamplingBody):
         if self.logprobs:
             sampling["logprobs"] = self.top_logprobs or 0
         return {
-            "messages": [{"role": m.role, "content": m.text()} for m in self.messages],
+            "messages": [{"role": m.role, "content": m.text(),
+                          **({"name": m.name} if m.name is not None else {})}
+                         for m in self.messages],
+            "truncate_max_tokens": self.truncate_max_tokens,
             "add_generation_prompt": self.add_generation_prompt,
             "model": self.model,
             "sampling": sampling,

@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "stays open)")
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                         help="largest HTTP body / gRPC message accepted (413 / RESOURCE_EXHAUSTED)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="on SIGINT/SIGTERM: seconds to let in-flight requests finish (new "
+                             "ones get 503 / UNAVAILABLE) before Serve and Ray stop")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model id clients see (default: the checkpoint directory's name)")
     parser.add_argument("--disable-docs", action="store_true",
                         help="turn off /docs, /redoc and /openapi.json (off anyway with an API key)")
     parser.add_argument("--config", default=None, type=Path,
@@ -88,8 +93,10 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
         "tensor_parallel_size": args.tp, "min_replicas": args.min_replicas,
         "max_replicas": args.max_replicas, "target_ongoing_requests": args.target_ongoing_requests,
         "api_key": args.api_key or api_key_from_env(), "max_request_bytes": args.max_request_bytes,
-        "docs": False if args.disable_docs else None,
+        "docs": False if args.disable_docs else None, "served_model_name": args.served_model_name,
     }
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     if args.grpc_port < 0:
@@ -177,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             pass
         print("shutting down", flush=True)
+        _drain(names, args.shutdown_timeout)
     finally:
         serve.shutdown()
         if started_ray:
@@ -184,6 +192,33 @@ def run(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _drain(app_names: list[str], timeout_s: float) -> None:
+    """Stop accepting, then wait (at most timeout_s) until the engines hold no request."""
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    busy = 0
+    try:
+        for app in app_names:
+            serve.get_deployment_handle("Ingress", app_name=app).drain.remote().result()
+        while time.monotonic() < deadline:
+            busy = 0
+            for app in app_names:
+                stats = serve.get_deployment_handle("LLMServer", app_name=app).get_stats \
+                    .remote().result(timeout_s=5)
+                busy += stats["num_running"] + stats["num_waiting"]
+            if not busy:
+                print("drained: no request in flight", flush=True)
+                return
+            time.sleep(0.2)
+        print(f"grace period ({timeout_s:.0f}s) over: {busy} request(s) still running are cut",
+              flush=True)
+    except Exception as exc:  # noqa: BLE001 - shutting down regardless
+        print(f"could not drain ({type(exc).__name__}); shutting down", flush=True)
 
 
 def _node_address(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,190 @@
+"""OpenAI surface as real clients use it (issue 10): lm-eval's loglikelihood requests (echo +
+logprobs, max_tokens 0 or 1, token-id and string prompts, batched), vLLM's prompt_logprobs,
+unsupported fields refused by name, the served model name, max_tokens that cannot fit."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+requests = pytest.importorskip("requests")
+pytest.importorskip("ray")
+
+from hf_reference import hf_model  # noqa: E402
+from serve_builders import serve_session  # noqa: E402
+
+NAME = "tiny-served"
+CONTEXT = 512
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    with serve_session(str(tiny_model("llama")), served_model_name=NAME,
+                       max_model_len=CONTEXT) as s:
+        yield s
+
+
+def _post(server, path, body):
+    return requests.post(server["http"] + path, json=body, timeout=120)
+
+
+def _hf_prompt_logprobs(path: str, ids: list[int]) -> list[float]:
+    """log p(ids[i] | ids[:i]) for i >= 1 from Hugging Face on the same weights (fp32)."""
+    model = hf_model(path)
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return [logprobs[i - 1, ids[i]].item() for i in range(1, len(ids))]
+
+
+def _tokenize(server, text: str) -> list[int]:
+    from raylm.proto import generation_pb2 as pb
+    from serve_builders import METADATA
+
+    return list(server["stub"].Tokenize(pb.TokenizeRequest(text=text), metadata=METADATA).token_ids)
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1])
+def test_lm_eval_loglikelihood_token_id_prompts(server, max_tokens):
+    """lm-eval local-completions: a batch of token-id prompts, echo, logprobs=1."""
+    prompts = [[5, 17, 33, 90, 12, 7], [40, 41, 42, 43]]
+    body = {"model": NAME, "prompt": prompts, "echo": True, "logprobs": 1,
+            "max_tokens": max_tokens, "temperature": 0}
+    r = _post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert len(choices) == 2
+    for ids, choice in zip(prompts, choices):
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(ids) + max_tokens
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        expected = _hf_prompt_logprobs(server["model"], ids)
+        got = lp["token_logprobs"][1:len(ids)]
+        assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-4, (got, expected)
+        for top, value in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:]):
+            assert len(top) >= 1 and max(top.values()) >= value - 1e-6  # greedy check lm-eval does
+        assert lp["text_offset"] == sorted(lp["text_offset"])
+        prompt_text = AutoTokenizer.from_pretrained(server["model"]).decode(ids)
+        assert choice["text"].startswith(prompt_text)  # echo: the prompt's text first
+        assert lp["tokens"][:len(ids)] == [AutoTokenizer.from_pretrained(server["model"]).decode(
+            [t]) for t in ids]
+
+
+def test_lm_eval_string_prompt_echo(server):
+    text = "The quick brown fox jumps"
+    r = _post(server, "/v1/completions", {"model": NAME, "prompt": text, "echo": True,
+                                          "logprobs": 2, "max_tokens": 1, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"].startswith(text)
+    ids = _tokenize(server, text)
+    expected = _hf_prompt_logprobs(server["model"], ids)
+    got = choice["logprobs"]["token_logprobs"][1:len(ids)]
+    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-4
+    assert all(len(t) >= 2 for t in choice["logprobs"]["top_logprobs"][1:])
+
+
+def test_echo_streams_the_prompt_first(server):
+    body = {"model": NAME, "prompt": "Hello there", "echo": True, "max_tokens": 3,
+            "temperature": 0, "stream": True}
+    with requests.post(server["http"] + "/v1/completions", json=body, stream=True, timeout=60) as r:
+        import json
+
+        texts = [json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
+                 if line.startswith(b"data: {")]
+    assert texts[0].startswith("Hello there")
+
+
+def test_vllm_prompt_logprobs_on_both_routes(server):
+    ids = [5, 17, 33, 90]
+    r = _post(server, "/v1/completions", {"prompt": ids, "max_tokens": 1, "prompt_logprobs": 2})
+    assert r.status_code == 200, r.text
+    plp = r.json()["choices"][0]["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids)
+    expected = _hf_prompt_logprobs(server["model"], ids)
+    for i, entry in enumerate(plp[1:], start=1):
+        assert abs(entry[str(ids[i])]["logprob"] - expected[i - 1]) < 1e-4
+    r = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                               "max_tokens": 2, "prompt_logprobs": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["prompt_logprobs"][0] is None and len(r.json()["prompt_logprobs"]) > 1
+
+
+@pytest.mark.parametrize("field,value", [
+    ("response_format", {"type": "json_object"}),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "auto"), ("logit_bias", {"5": 1.0}), ("guided_regex", "a+"),
+    ("suffix", "end"), ("no_such_field", 1),
+])
+def test_unsupported_fields_are_400_naming_them(server, field, value):
+    for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                 "max_tokens": 2})):
+        if field == "suffix" and "chat" in path:
+            continue
+        r = _post(server, path, {**body, field: value})
+        assert r.status_code == 400, (path, r.text)
+        assert r.json()["error"]["param"] == field, r.json()
+
+
+def test_served_model_name_and_model_retrieve(server):
+    listed = requests.get(server["http"] + "/v1/models", timeout=30).json()["data"]
+    assert [m["id"] for m in listed] == [NAME] and listed[0]["max_model_len"] == CONTEXT
+    one = requests.get(server["http"] + f"/v1/models/{NAME}", timeout=30)
+    assert one.status_code == 200 and one.json()["id"] == NAME
+    assert requests.get(server["http"] + "/v1/models/other", timeout=30).status_code == 404
+    assert _post(server, "/v1/completions", {"model": NAME, "prompt": "hi",
+                                             "max_tokens": 2}).json()["model"] == NAME
+    assert _post(server, "/v1/completions", {"model": "other", "prompt": "hi",
+                                             "max_tokens": 2}).status_code == 404
+    assert pathlib.Path(server["model"]).name != NAME
+
+
+def test_max_tokens_that_cannot_fit_is_400_naming_the_numbers(server):
+    r = _post(server, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 100000})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "max_tokens" and str(CONTEXT) in err["message"] and "100000" in err["message"]
+    ok = _post(server, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 100000,
+                                           "ignore_eos": True, "truncate_max_tokens": True})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+    assert ok.json()["usage"]["completion_tokens"] == CONTEXT - 3
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "Hello", "max_tokens": 5}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}),
+])
+def test_continuous_usage_stats_on_every_chunk(server, path, body):
+    import json
+
+    body = {**body, "ignore_eos": True, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with requests.post(server["http"] + path, json=body, stream=True, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
+    with_text = [c for c in chunks if c["choices"] and c["choices"][0].get("finish_reason") is None
+                 and (c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content"))]
+    assert with_text and all("usage" in c for c in with_text)
+    counts = [c["usage"]["completion_tokens"] for c in with_text]
+    assert counts == sorted(counts) and counts[0] >= 1
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_grpc_max_tokens_that_cannot_fit(server):
+    import grpc
+
+    from raylm.proto import generation_pb2 as pb
+    from serve_builders import METADATA
+
+    ids = pb.TokenIds(ids=[5, 6, 7])
+    with pytest.raises(grpc.RpcError) as info:
+        server["stub"].Generate(pb.GenerateRequest(token_ids=ids, sampling=pb.SamplingOptions(
+            max_tokens=100000)), metadata=METADATA, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(CONTEXT) in info.value.details()
+    reply = server["stub"].Generate(pb.GenerateRequest(token_ids=ids, sampling=pb.SamplingOptions(
+        max_tokens=100000, ignore_eos=True, truncate_max_tokens=True)), metadata=METADATA,
+        timeout=120)
+    assert reply.usage.completion_tokens == CONTEXT - 3
