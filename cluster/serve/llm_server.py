@@ -268,8 +268,10 @@ class LLMServer:
         }
 
     def get_stats(self) -> dict[str, Any]:
-        """The engine's counters (tests and operators use it to check that blocks were freed)."""
-        return dict(self.engine.get_stats())
+        """The engine's counters (tests and operators use it to check that blocks were freed),
+        and which replica answered (with several replicas, a handle call lands on any one)."""
+        return {**self.engine.get_stats(),
+                "replica_id": serve.get_replica_context().replica_id.unique_id}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve's router polls this (request_routing_stats_period_s): the prefixes this

@@ -1,0 +1,54 @@
+"""Two LLMServer replicas behind PrefixAwareRouter (half a core each): requests sharing a long
+prefix land on the replica that holds it, so only its prefix-cache hit counter rises."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("ray")
+requests = pytest.importorskip("requests")
+
+from tests.serve_builders import serve_session  # noqa: E402
+
+SYSTEM = "You are a terse assistant for the ACME support desk. " * 20  # ~440 tokens
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    with serve_session(str(tiny_model("llama")), min_replicas=2, max_replicas=2,
+                       num_cpus_per_rank=0.5, kv_cache_memory=16 << 20,
+                       routing_stats_period_s=0.5) as s:
+        yield s
+
+
+def _per_replica_stats(llm, num_replicas: int = 2) -> dict[str, dict]:
+    """get_stats from every replica (a handle call lands on any one: ask until all answered)."""
+    seen: dict[str, dict] = {}
+    for _ in range(100):
+        stats = llm.get_stats.remote().result()
+        seen[stats["replica_id"]] = stats
+        if len(seen) == num_replicas:
+            return seen
+    raise AssertionError(f"only replicas {sorted(seen)} answered")
+
+
+def _complete(server, prompt: str) -> dict:
+    r = requests.post(server["http"] + "/v1/completions", timeout=60, json={
+        "model": server["model"], "prompt": prompt, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_shared_prefix_requests_stick_to_the_replica_holding_it(server):
+    before = _per_replica_stats(server["llm"])
+    num_requests = 6
+    cached = [_complete(server, SYSTEM + f"Question {i}: where is order {i}?")["usage"]
+              for i in range(num_requests)]
+    after = _per_replica_stats(server["llm"])
+    gained = {rid: after[rid]["prefix_cache_hit_tokens"] - before[rid]["prefix_cache_hit_tokens"]
+              for rid in after}
+    holder, other = sorted(gained, key=gained.get, reverse=True)
+    # every request after the first reused the ~430 cached prompt tokens on the same replica
+    assert gained[holder] >= (num_requests - 1) * 400, (gained, cached)
+    assert gained[other] == 0, gained
+    served = {rid: after[rid]["num_prompt_tokens"] - before[rid]["num_prompt_tokens"] for rid in after}
+    assert served[other] == 0, served
