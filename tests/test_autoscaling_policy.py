@@ -74,3 +74,14 @@ def test_recent_ttft_p90_ages_out():
         window.add(0.1 * (i + 1), now=float(i))
     assert window.percentile(0.9, now=9) == pytest.approx(0.9)
     assert window.percentile(0.9, now=18.5) == pytest.approx(1.0)  # only the last sample is left
+
+
+def test_policy_logs_a_decision_once_not_every_tick(caplog):
+    policy = LLMAutoscalingPolicy(target_ongoing_requests=8)
+    busy = SimpleNamespace(current_num_replicas=1, total_num_requests=1, deployment_name="LLMServer",
+                           policy_state={}, aggregated_metrics={"num_waiting": {"a": 5.0}})
+    with caplog.at_level("INFO", logger="ray.serve"):
+        for _ in range(5):
+            policy(busy)
+    lines = [r.getMessage() for r in caplog.records if "raylm autoscaling" in r.getMessage()]
+    assert len(lines) == 1 and "policy asks 2" in lines[0] and "waiting 5.0/replica" in lines[0]

@@ -100,10 +100,12 @@ def signals_from(num_replicas: int, ongoing: float,
 class LLMAutoscalingPolicy:
     """Serve instantiates this once per deployment with `policy_kwargs` (the thresholds) and
     calls it every control-loop tick. The last decision's reason is kept in the policy state and
-    logged by the Serve controller whenever it asks for a different replica count."""
+    logged by the Serve controller when the replica count it asks for changes (a signal must
+    hold for the upscale/downscale delay, so the same request repeats for many ticks)."""
 
     def __init__(self, **thresholds: float) -> None:
         self.thresholds = AutoscalingThresholds(**thresholds)
+        self._last_logged: tuple[int, int] | None = None
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
         signals = signals_from(ctx.current_num_replicas, ctx.total_num_requests,
@@ -111,8 +113,12 @@ class LLMAutoscalingPolicy:
         desired, reason = decide(signals, self.thresholds)
         state = dict(ctx.policy_state or {})
         if desired != ctx.current_num_replicas:
-            logger.info("raylm autoscaling %s: %d -> %d replicas (%s; signals %s)",
+            state[REASON_KEY] = reason
+        if (ctx.current_num_replicas, desired) != self._last_logged and (
+                desired != ctx.current_num_replicas or self._last_logged is not None):
+            self._last_logged = (ctx.current_num_replicas, desired)
+            logger.info("raylm autoscaling %s: %d replicas, the policy asks %d before the "
+                        "min/max bounds (%s; signals %s)",
                         ctx.deployment_name, ctx.current_num_replicas, desired, reason,
                         asdict(signals))
-            state[REASON_KEY] = reason
         return desired, state
