@@ -1,5 +1,6 @@
 """Two LLMServer replicas behind PrefixAwareRouter (half a core each): requests sharing a long
-prefix land on the replica that holds it, so only its prefix-cache hit counter rises."""
+prefix land on the replica that holds it, so only its prefix-cache hit counter rises, until that
+replica is overloaded relative to the other."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,7 @@ SYSTEM = "You are a terse assistant for the ACME support desk. " * 20  # ~440 to
 def server(tiny_model):
     with serve_session(str(tiny_model("llama")), min_replicas=2, max_replicas=2,
                        num_cpus_per_rank=0.5, kv_cache_memory=16 << 20,
-                       routing_stats_period_s=0.5) as s:
+                       routing_stats_period_s=0.5, router_imbalance_threshold=2) as s:
         yield s
 
 
@@ -31,9 +32,10 @@ def _per_replica_stats(llm, num_replicas: int = 2) -> dict[str, dict]:
     raise AssertionError(f"only replicas {sorted(seen)} answered")
 
 
-def _complete(server, prompt: str) -> dict:
-    r = requests.post(server["http"] + "/v1/completions", timeout=60, json={
-        "model": server["model"], "prompt": prompt, "max_tokens": 4, "temperature": 0})
+def _complete(server, prompt: str, max_tokens: int = 4) -> dict:
+    r = requests.post(server["http"] + "/v1/completions", timeout=120, json={
+        "model": server["model"], "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": True})
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -52,3 +54,16 @@ def test_shared_prefix_requests_stick_to_the_replica_holding_it(server):
     assert gained[other] == 0, gained
     served = {rid: after[rid]["num_prompt_tokens"] - before[rid]["num_prompt_tokens"] for rid in after}
     assert served[other] == 0, served
+
+
+def test_an_overloaded_prefix_holder_sheds_requests_to_the_other_replica(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prefix = "Summarize the quarterly report of the ACME rocket skates division. " * 16
+    _complete(server, prefix + "warm")  # one replica now holds this prefix
+    before = _per_replica_stats(server["llm"])
+    with ThreadPoolExecutor(12) as pool:  # 12 at once: far more than 2 above the other replica
+        list(pool.map(lambda i: _complete(server, prefix + f"part {i}", max_tokens=64), range(12)))
+    after = _per_replica_stats(server["llm"])
+    served = {rid: after[rid]["num_prompt_tokens"] - before[rid]["num_prompt_tokens"] for rid in after}
+    assert all(n > 0 for n in served.values()), served

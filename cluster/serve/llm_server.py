@@ -273,16 +273,17 @@ class LLMServer:
         return {**self.engine.get_stats(),
                 "replica_id": serve.get_replica_context().replica_id.unique_id}
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    async def record_routing_stats(self) -> dict[str, Any]:
         """Serve's router polls this (request_routing_stats_period_s): the prefixes this
-        replica holds and its load, for PrefixAwareRouter."""
+        replica holds and its load, for PrefixAwareRouter. Async so that it runs on the event
+        loop that updates the index, never beside it in a thread."""
         stats = self.engine.get_stats()
         self._num_routing_reports += 1
         return {"seq": self._num_routing_reports, "num_running": stats["num_running"],
                 "num_waiting": stats["num_waiting"], "kv_usage": stats["kv_usage"],
                 "prefix_digests": self.prefix_index.snapshot()}
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve averages these over look_back_period_s for LLMAutoscalingPolicy."""
         stats = self.engine.get_stats()
         return {"num_waiting": float(stats["num_waiting"]), "kv_usage": float(stats["kv_usage"]),
