@@ -64,7 +64,7 @@ def workload_prompts(args: argparse.Namespace, salt: str) -> list[str]:
 
 
 def _serve_args(args: argparse.Namespace, router: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"model": args.model, "device": "cpu", "router": router,
+    out: dict[str, Any] = {"model": args.model, "router": router,
                            "min_replicas": args.replicas, "max_replicas": args.replicas,
                            "num_cpus_per_rank": args.num_cpus_per_replica}
     for item in args.serve_arg:

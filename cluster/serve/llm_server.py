@@ -89,6 +89,8 @@ class LLMServer:
             stats["num_total_blocks"], int(engine_args.get("block_size", 16)), MAX_REPORTED_DIGESTS))
         self.recent_ttft = RecentLatencies(TTFT_P90_WINDOW_S)
         self._num_routing_reports = 0
+        # without a prefix cache there is nothing to route to: report no prefixes
+        self._prefix_caching = bool(engine_args.get("enable_prefix_caching", True))
 
     # --- generation ---------------------------------------------------------------------------
 
@@ -104,8 +106,8 @@ class LLMServer:
         except Exception as exc:  # bad input: one error item, the stream ends
             yield error_from_exception(exc).to_dict()
             return
-        # What the router sees of this request, now held here (see prefix_router.py)
-        self.prefix_index.add(request_prefix_digests(request))
+        if self._prefix_caching:  # what the router sees of this request is now held here
+            self.prefix_index.add(request_prefix_digests(request))
         # The engine's id is ours alone: a client reusing its id cannot touch another request.
         engine_id = uuid.uuid4().hex
         client_id = request.get("request_id") or engine_id
