@@ -76,12 +76,34 @@ def test_recent_ttft_p90_ages_out():
     assert window.percentile(0.9, now=18.5) == pytest.approx(1.0)  # only the last sample is left
 
 
-def test_policy_logs_a_decision_once_not_every_tick(caplog):
-    policy = LLMAutoscalingPolicy(target_ongoing_requests=8)
-    busy = SimpleNamespace(current_num_replicas=1, total_num_requests=1, deployment_name="LLMServer",
-                           policy_state={}, aggregated_metrics={"num_waiting": {"a": 5.0}})
-    with caplog.at_level("INFO", logger="ray.serve"):
+def test_policy_logs_a_decision_once_not_every_tick():
+    import logging
+
+    from raylm.cluster.serve import autoscaling
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.INFO)
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    # Serve's logger does not propagate to the root once Serve has been started in this process
+    # (caplog would see nothing): listen on it directly
+    handler, log = Collect(), autoscaling.logger
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        policy = LLMAutoscalingPolicy(target_ongoing_requests=8)
+        busy = SimpleNamespace(current_num_replicas=1, total_num_requests=1,
+                               deployment_name="LLMServer", policy_state={},
+                               aggregated_metrics={"num_waiting": {"a": 5.0}})
         for _ in range(5):
             policy(busy)
-    lines = [r.getMessage() for r in caplog.records if "raylm autoscaling" in r.getMessage()]
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    lines = [line for line in handler.lines if "raylm autoscaling" in line]
     assert len(lines) == 1 and "policy asks 2" in lines[0] and "waiting 5.0/replica" in lines[0]
