@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from typing import Any, Collection, Dict, List, Optional
 
 from ray.serve.request_router import (FIFOMixin, LocalityMixin, MultiplexMixin, PendingRequest,
@@ -56,7 +56,12 @@ class PrefixAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter)
         self._routed: OrderedDict[int, str] = OrderedDict()
         # replica id -> (report sequence number, its digests as a set): built once per report
         self._reported: Dict[str, tuple[int, frozenset[int]]] = {}
-        self.decisions: Counter[str] = Counter()
+        from ray.util import metrics
+
+        # why each request went where it went: prefix / prefix-overloaded / no-prefix
+        self._decisions = metrics.Counter(
+            "raylm_router_decisions_total", "Routing decisions of PrefixAwareRouter, by reason.",
+            tag_keys=("reason",))
 
     def _request_digests(self, pending_request: Optional[PendingRequest]) -> list[int]:
         if pending_request is None or pending_request.metadata.call_method != ROUTED_METHOD:
@@ -93,7 +98,7 @@ class PrefixAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter)
                 for rid, r in by_id.items()} if digests else {}
         decision = choose(digests, [self._load(r) for r in candidate_replicas], held,
                           self._policy, self._rng)
-        self.decisions[decision.reason] += 1
+        self._decisions.inc(1, tags={"reason": decision.reason})
         return [[by_id[rid] for rid in rank] for rank in decision.ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
