@@ -11,13 +11,14 @@ requests = pytest.importorskip("requests")
 from tests.serve_builders import serve_session  # noqa: E402
 
 SYSTEM = "You are a terse assistant for the ACME support desk. " * 20  # ~440 tokens
+APP_ARGS = {"num_cpus_per_rank": 0.5, "kv_cache_memory": 16 << 20, "routing_stats_period_s": 0.5,
+            "router_imbalance_threshold": 2}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
     with serve_session(str(tiny_model("llama")), min_replicas=2, max_replicas=2,
-                       num_cpus_per_rank=0.5, kv_cache_memory=16 << 20,
-                       routing_stats_period_s=0.5, router_imbalance_threshold=2) as s:
+                       **APP_ARGS) as s:
         yield s
 
 
@@ -67,3 +68,26 @@ def test_an_overloaded_prefix_holder_sheds_requests_to_the_other_replica(server)
     after = _per_replica_stats(server["llm"])
     served = {rid: after[rid]["num_prompt_tokens"] - before[rid]["num_prompt_tokens"] for rid in after}
     assert all(n > 0 for n in served.values()), served
+
+
+def test_a_replica_removed_mid_load_finishes_its_streams(server):
+    """Last in this module: it takes the deployment down to one replica."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from raylm.cluster.serve.app import build_app
+    from tests.serve_builders import APP, wait_until
+
+    long_tokens = 1500
+    with ThreadPoolExecutor(6) as pool:  # spread over both replicas by power of two
+        futures = [pool.submit(_complete, server, f"stream {i} " * 8, long_tokens)
+                   for i in range(6)]
+        serve.run(build_app({"model": server["model"], "dtype": "float32", "device": "cpu",
+                             "max_num_seqs": 64, "min_replicas": 1, "max_replicas": 1,
+                             **APP_ARGS}), name=APP, route_prefix="/")
+        answers = [f.result(timeout=300) for f in futures]
+    assert all(a["usage"]["completion_tokens"] == long_tokens for a in answers)
+    status = serve.status().applications[APP].deployments["LLMServer"]
+    assert wait_until(lambda: sum(serve.status().applications[APP].deployments["LLMServer"]
+                                  .replica_states.values()) == 1, timeout_s=60), status
