@@ -15,6 +15,7 @@ _BENCH = {
     "serve": ("raylm.cluster.bench.serve", "load generator against a running server"),
     "kernels": ("raylm.cluster.bench.kernels", "Triton kernel roofline (GPU only)"),
     "dispatch": ("raylm.cluster.bench.dispatch", "per-step control overhead of the Ray executor"),
+    "scale-up": ("raylm.cluster.bench.scale_up", "time from overload to a second replica serving"),
 }
 _SERVE = ("raylm.cluster.serve.serve_cli", "serve a model over gRPC and OpenAI HTTP with Ray Serve")
 

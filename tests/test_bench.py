@@ -169,3 +169,20 @@ def test_format_table_aligns_columns_and_checks_row_width():
     assert "1235" in text
     with pytest.raises(ValueError):
         report.format_table(("a", "b"), [("only one",)])
+
+
+def test_router_bench_workloads_share_prefixes_only_when_asked():
+    import argparse
+
+    from raylm.cluster.bench.serve_routers import workload_prompts
+    from raylm.cluster.serve.prefix_hash import request_prefix_digests
+
+    args = argparse.Namespace(workload="shared-prefix", num_prefixes=3, prefix_len=60,
+                              input_len=5, num_requests=30, seed=0)
+    shared = workload_prompts(args, salt="s")
+    assert len(shared) == 30 and len({p.split("\n")[0] for p in shared}) == 3
+    firsts = {request_prefix_digests({"prompt": p})[0] for p in shared}
+    assert len(firsts) == 3  # requests group by system prompt, as the router sees them
+    args.workload = "random"
+    unique = workload_prompts(args, salt="s")
+    assert len({request_prefix_digests({"prompt": p})[0] for p in unique}) == 30

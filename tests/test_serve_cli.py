@@ -263,3 +263,25 @@ def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
     while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.5)
     return [p for p in pids if alive(p)]
+
+
+def test_replica_and_router_flags_map_to_app_args():
+    import argparse
+
+    from raylm.cluster.serve.app import AppConfig
+    from raylm.cluster.serve.serve_cli import add_arguments, app_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = app_args(parser.parse_args(["--replicas", "2", "--num-cpus-per-replica", "1", "--tp", "2",
+                                       "--router", "pow2", "--ttft-p90-target", "0",
+                                       "--device", "cpu"]))
+    config = AppConfig.from_args(args)
+    assert (config.min_replicas, config.max_replicas, config.num_cpus_per_rank) == (2, 2, 0.5)
+    assert config.request_router_config()["request_router_class"].endswith(
+        "PowerOfTwoChoicesRequestRouter")
+    assert config.autoscaling_config()["policy"]["policy_kwargs"]["ttft_p90_target_s"] == 0
+    with pytest.raises(ValueError, match="--replicas"):
+        app_args(parser.parse_args(["--replicas", "0"]))
+    with pytest.raises(ValueError, match="router"):
+        AppConfig(device="cpu", router="random")

@@ -7,6 +7,7 @@ end-to-end latency. Writes JSON and a PNG of latency against load.
 
     raylm bench serve --protocol grpc --rates 1,4,16 --num-requests 64
     raylm bench serve --protocol http --concurrency 1,8,32
+    raylm bench serve --workload shared-prefix --router prefix,pow2   # serve_routers.py
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raylm.cluster.bench import serve_routers
 from raylm.cluster.bench.report import format_table, png_path_for, write_json
 
 _WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
@@ -40,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="grpc, http, engine (the in-process AsyncEngine, no serving path), "
                              "or a comma list run one after another, e.g. grpc,http,engine")
     parser.add_argument("--model", default=None,
-                        help="checkpoint for the 'engine' protocol (the server's model)")
+                        help="checkpoint for the 'engine' protocol (the server's model) and "
+                             "for --router (default: the demo model)")
     parser.add_argument("--engine-max-num-seqs", type=int, default=256,
                         help="max_num_seqs of the in-process engine (match the server's)")
     parser.add_argument("--engine-dtype", default="auto",
@@ -57,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=32, help="generated tokens per request")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_results/serve.json", help="JSON path (PNG next to it)")
+    serve_routers.add_arguments(parser)
 
 
 def _prompts(count: int, length: int, seed: int, salt: str = "") -> list[str]:
@@ -280,8 +284,10 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             for i, load in enumerate(loads):
                 # The same seeded prompts for every protocol (ratios compare like with like),
                 # each salted so that no protocol hits another's prefix-cache entries.
-                prompts = _prompts(args.num_requests, args.input_len, args.seed + i,
-                                   salt=f"{run_id}{protocol}")
+                salt = f"{run_id}{protocol}"
+                prompts = (serve_routers.workload_prompts(args, salt)
+                           if args.workload == "shared-prefix" else
+                           _prompts(args.num_requests, args.input_len, args.seed + i, salt=salt))
                 samples, duration = await _run_level(
                     client, prompts, load if args.rates else None,
                     None if args.rates else int(load), args.seed + i)
@@ -311,6 +317,8 @@ def _vs_engine(result: dict[str, Any]) -> list[list[Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.router:
+        return serve_routers.run_routers(args)
     result = asyncio.run(_bench(args))
     rows = [[protocol, lv["load"], lv["num_errors"], lv["request_throughput"],
              lv["output_token_throughput"],

@@ -9,6 +9,7 @@ from typing import Any
 
 from ray import serve
 
+from raylm.cluster.serve.autoscaling import AutoscalingThresholds
 from raylm.cluster.serve.ingress import Ingress
 from raylm.cluster.serve.limits import DEFAULT_MAX_REQUEST_BYTES, api_key_from_env
 from raylm.cluster.serve.llm_server import LLMServer
@@ -17,6 +18,11 @@ from raylm.cluster.serve.llm_server import LLMServer
 GRPC_SERVICER_FUNCTIONS = ["raylm.cluster.serve.grpc_services.add_raylm_services"]
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 9000
+ROUTERS = {
+    "prefix": "raylm.cluster.serve.prefix_router:PrefixAwareRouter",
+    "pow2": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
+}
+AUTOSCALING_POLICY = "raylm.cluster.serve.autoscaling:LLMAutoscalingPolicy"
 
 
 def _default_device() -> str:
@@ -70,6 +76,22 @@ class AppConfig:
     max_replicas: int = 1
     target_ongoing_requests: float = 16.0
     max_ongoing_requests: int = 256
+    # LLM signals (cluster/serve/autoscaling.py, README "Many replicas"): scale up when the mean
+    # waiting requests per replica, the mean KV usage or the worst TTFT p90 exceed these
+    target_waiting_requests: float = 2.0
+    kv_usage_upscale: float = 0.9
+    ttft_p90_target_s: float = 2.0  # 0 = TTFT not considered
+    upscale_delay_s: float = 10.0  # a signal must hold this long before a replica is added
+    downscale_delay_s: float = 60.0  # ... and idleness this long before one is removed
+    autoscaling_metrics_interval_s: float = 2.0  # LLM load moves in seconds, not Serve's 10 s
+    autoscaling_look_back_period_s: float = 10.0
+    # a replica removed on scale-down finishes its streams for up to this long
+    graceful_shutdown_timeout_s: float = 300.0
+    # routing across replicas (cluster/serve/prefix_router.py)
+    router: str = "prefix"  # prefix | pow2
+    router_imbalance_threshold: float = 8.0  # requests more than the least loaded replica
+    router_kv_overload: float = 0.95
+    routing_stats_period_s: float = 2.0
     # front door (see README "Security and limits")
     api_key: str | None = None  # None: the RAYLM_API_KEY environment variable, if set
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # HTTP bodies (gRPC: RAYLM_MAX_REQUEST_BYTES)
@@ -87,6 +109,19 @@ class AppConfig:
                              f"({self.min_replicas})")
         if self.target_ongoing_requests <= 0:
             raise ValueError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {self.router!r}")
+        for name in ("upscale_delay_s", "downscale_delay_s", "graceful_shutdown_timeout_s",
+                     "router_imbalance_threshold"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("autoscaling_metrics_interval_s", "autoscaling_look_back_period_s",
+                     "routing_stats_period_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 < self.router_kv_overload <= 1.0:
+            raise ValueError(f"router_kv_overload must be in (0, 1], got {self.router_kv_overload}")
+        self.thresholds()  # validates the autoscaling thresholds
         if self.device is None:
             # Decided here, in the process that builds the app: a replica actor that reserved
             # no GPU cannot see one, so it must be told.
@@ -158,10 +193,28 @@ class AppConfig:
             bundle["GPU"] = self.num_gpus_per_rank
         return [dict(bundle) for _ in range(self.tensor_parallel_size)]
 
+    def thresholds(self) -> AutoscalingThresholds:
+        return AutoscalingThresholds(
+            target_ongoing_requests=self.target_ongoing_requests,
+            target_waiting_requests=self.target_waiting_requests,
+            kv_usage_upscale=self.kv_usage_upscale, ttft_p90_target_s=self.ttft_p90_target_s)
+
     def autoscaling_config(self) -> dict[str, Any]:
         return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                 "initial_replicas": max(self.min_replicas, 1),
-                "target_ongoing_requests": self.target_ongoing_requests}
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+                "metrics_interval_s": self.autoscaling_metrics_interval_s,
+                "look_back_period_s": self.autoscaling_look_back_period_s,
+                "policy": {"policy_function": AUTOSCALING_POLICY,
+                           "policy_kwargs": asdict(self.thresholds())}}
+
+    def request_router_config(self) -> dict[str, Any]:
+        kwargs = ({"imbalance_threshold": self.router_imbalance_threshold,
+                   "kv_overload": self.router_kv_overload} if self.router == "prefix" else {})
+        return {"request_router_class": ROUTERS[self.router], "request_router_kwargs": kwargs,
+                "request_routing_stats_period_s": self.routing_stats_period_s}
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
@@ -173,5 +226,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         placement_group_strategy="STRICT_PACK",  # TP ranks share a node (NVLink)
         ray_actor_options=config.replica_actor_options(),
         max_ongoing_requests=config.max_ongoing_requests,
+        request_router_config=config.request_router_config(),
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
+        # a draining replica checks once a second whether its last stream ended
+        graceful_shutdown_wait_loop_s=1.0,
     ).bind(config.engine_args())
     return Ingress.bind(llm_server, config.ingress_options())

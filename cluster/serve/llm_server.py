@@ -18,6 +18,8 @@ from ray import serve
 
 from raylm.cluster.serve.errors import ServeError, error_from_exception
 from raylm.cluster.serve.metrics import ServerMetrics
+from raylm.cluster.serve.prefix_hash import PrefixIndex, index_capacity, request_prefix_digests
+from raylm.cluster.serve.ttft_window import RecentLatencies
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +27,10 @@ STATS_INTERVAL_S = 1.0  # how often the replica publishes engine gauges
 # Text longer than max_model_len * this many characters cannot fit the context: real tokens
 # average 3-5 characters, the longest (runs of spaces or dashes) a few dozen.
 MAX_CHARS_PER_TOKEN = 64
+# The prefix digests reported to the router are capped so one report stays well under a
+# megabyte (8-byte ints) however large the KV pool is.
+MAX_REPORTED_DIGESTS = 16384
+TTFT_P90_WINDOW_S = 30.0  # the autoscaler's TTFT signal: p90 of the last this many seconds
 
 
 def check_text(name: str, value: str) -> None:
@@ -78,6 +84,13 @@ class LLMServer:
         self.model_name: str = self.engine.model_name
         self.metrics = ServerMetrics(self.model_name)
         self._stats_task: asyncio.Task | None = None
+        stats = self.engine.get_stats()
+        self.prefix_index = PrefixIndex(index_capacity(
+            stats["num_total_blocks"], int(engine_args.get("block_size", 16)), MAX_REPORTED_DIGESTS))
+        self.recent_ttft = RecentLatencies(TTFT_P90_WINDOW_S)
+        self._num_routing_reports = 0
+        # without a prefix cache there is nothing to route to: report no prefixes
+        self._prefix_caching = bool(engine_args.get("enable_prefix_caching", True))
 
     # --- generation ---------------------------------------------------------------------------
 
@@ -93,6 +106,8 @@ class LLMServer:
         except Exception as exc:  # bad input: one error item, the stream ends
             yield error_from_exception(exc).to_dict()
             return
+        if self._prefix_caching:  # what the router sees of this request is now held here
+            self.prefix_index.add(request_prefix_digests(request))
         # The engine's id is ours alone: a client reusing its id cannot touch another request.
         engine_id = uuid.uuid4().hex
         client_id = request.get("request_id") or engine_id
@@ -106,7 +121,10 @@ class LLMServer:
         try:
             async for out in stream:
                 item = self._step_item(out, client_id, num_logprobs)
+                first = timer.first_token is None
                 timer.on_tokens(sum(len(c["token_ids"]) for c in item["choices"]))
+                if first and timer.first_token is not None:
+                    self.recent_ttft.add(timer.first_token - timer.arrival)
                 finished = out.finished
                 if not item["choices"] and not finished:
                     continue
@@ -277,8 +295,26 @@ class LLMServer:
         }
 
     def get_stats(self) -> dict[str, Any]:
-        """The engine's counters (tests and operators use it to check that blocks were freed)."""
-        return dict(self.engine.get_stats())
+        """The engine's counters (tests and operators use it to check that blocks were freed),
+        and which replica answered (with several replicas, a handle call lands on any one)."""
+        return {**self.engine.get_stats(),
+                "replica_id": serve.get_replica_context().replica_id.unique_id}
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's router polls this (request_routing_stats_period_s): the prefixes this
+        replica holds and its load, for PrefixAwareRouter. Async so that it runs on the event
+        loop that updates the index, never beside it in a thread."""
+        stats = self.engine.get_stats()
+        self._num_routing_reports += 1
+        return {"seq": self._num_routing_reports, "num_running": stats["num_running"],
+                "num_waiting": stats["num_waiting"], "kv_usage": stats["kv_usage"],
+                "prefix_digests": self.prefix_index.snapshot()}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve averages these over look_back_period_s for LLMAutoscalingPolicy."""
+        stats = self.engine.get_stats()
+        return {"num_waiting": float(stats["num_waiting"]), "kv_usage": float(stats["kv_usage"]),
+                "ttft_p90_s": self.recent_ttft.percentile(0.9)}
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising gets the replica replaced."""

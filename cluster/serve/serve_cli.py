@@ -3,6 +3,7 @@ until SIGINT/SIGTERM, then shut Serve down cleanly.
 
     raylm serve                                   # the built-in demo model on :8000 / :9000
     raylm serve --model ./ckpt --max-replicas 4   # autoscale 1..4 replicas
+    raylm serve --replicas 2 --num-cpus-per-replica 1 --router prefix   # two replicas, one core each
     raylm serve --config deploy/serve_config.yaml # the same config KubeRay's RayService runs
 """
 from __future__ import annotations
@@ -31,8 +32,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(one GPU each; on CPU each rank computes on its share of the cores)")
     parser.add_argument("--min-replicas", type=int, default=1)
     parser.add_argument("--max-replicas", type=int, default=1)
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="a fixed number of replicas (sets --min-replicas and --max-replicas)")
+    parser.add_argument("--num-cpus-per-replica", type=float, default=None,
+                        help="CPUs reserved per replica, split over its --tp ranks; fractions "
+                             "let several replicas share cores (default: on CPU all the node's "
+                             "cores, with a GPU one core per rank)")
+    parser.add_argument("--router", default="prefix", choices=["prefix", "pow2"],
+                        help="request routing across replicas: the replica holding the longest "
+                             "cached prefix unless overloaded (prefix), or power of two choices")
+    parser.add_argument("--router-imbalance-threshold", type=float, default=8.0,
+                        help="prefix routing gives way to power of two when the prefix replica "
+                             "has this many more requests than the least loaded one")
     parser.add_argument("--target-ongoing-requests", type=float, default=16.0,
                         help="autoscaling target of in-flight requests per replica")
+    parser.add_argument("--target-waiting-requests", type=float, default=2.0,
+                        help="autoscaling: add a replica when more requests than this wait per "
+                             "replica")
+    parser.add_argument("--kv-usage-upscale", type=float, default=0.9,
+                        help="autoscaling: add a replica when the mean KV-cache usage exceeds this")
+    parser.add_argument("--ttft-p90-target", type=float, default=2.0,
+                        help="autoscaling: add a replica when a replica's TTFT p90 over the last "
+                             "30 s exceeds this many seconds (0: ignore TTFT)")
+    parser.add_argument("--upscale-delay", type=float, default=10.0,
+                        help="seconds a scale-up signal must hold before a replica is added")
+    parser.add_argument("--downscale-delay", type=float, default=60.0,
+                        help="seconds of idleness before a replica is removed (it finishes its "
+                             "streams first)")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=9000)
     parser.add_argument("--host", default="0.0.0.0",
@@ -82,6 +108,13 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
     """The build_app args the flags describe."""
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    min_replicas, max_replicas = args.min_replicas, args.max_replicas
+    if args.replicas is not None:
+        if args.replicas < 1:
+            raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+        min_replicas = max_replicas = args.replicas
+    if args.num_cpus_per_replica is not None and args.num_cpus_per_replica <= 0:
+        raise ValueError(f"--num-cpus-per-replica must be > 0, got {args.num_cpus_per_replica}")
     out = {
         "model": args.model, "dtype": args.dtype, "device": args.device,
         "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
@@ -90,8 +123,14 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
         "enable_prefix_caching": not args.no_prefix_caching, "seed": args.seed,
         "stream_interval": args.stream_interval, "kv_cache_dtype": args.kv_cache_dtype,
         "speculative_config": args.speculative_config,
-        "tensor_parallel_size": args.tp, "min_replicas": args.min_replicas,
-        "max_replicas": args.max_replicas, "target_ongoing_requests": args.target_ongoing_requests,
+        "tensor_parallel_size": args.tp, "min_replicas": min_replicas,
+        "max_replicas": max_replicas, "target_ongoing_requests": args.target_ongoing_requests,
+        "num_cpus_per_rank": (args.num_cpus_per_replica / args.tp
+                              if args.num_cpus_per_replica is not None else None),
+        "router": args.router, "router_imbalance_threshold": args.router_imbalance_threshold,
+        "target_waiting_requests": args.target_waiting_requests,
+        "kv_usage_upscale": args.kv_usage_upscale, "ttft_p90_target_s": args.ttft_p90_target,
+        "upscale_delay_s": args.upscale_delay, "downscale_delay_s": args.downscale_delay,
         "api_key": args.api_key or api_key_from_env(), "max_request_bytes": args.max_request_bytes,
         "docs": False if args.disable_docs else None, "served_model_name": args.served_model_name,
     }
