@@ -33,6 +33,21 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel degree (ranks run as Ray worker actors when > 1)")
+    p.add_argument("--speculative-config", type=json_dict, default=None,
+                   help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4}\'')
+
+
+def json_dict(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -40,12 +55,23 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
                 enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-                tensor_parallel_size=args.tp)
+                tensor_parallel_size=args.tp, speculative_config=args.speculative_config)
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
     from raylm.workers.make_model import make_model
 
+    if args.pair:
+        from raylm.workers.make_pair import make_spec_pair
+
+        overrides = {} if args.draft_layers is None else {"num_hidden_layers": args.draft_layers}
+        target, draft = make_spec_pair(args.out, arch=args.arch, preset=args.preset,
+                                       extra_layers=args.extra_layers,
+                                       residual_scale=args.residual_scale, seed=args.seed,
+                                       **overrides)
+        print(f"wrote a matched speculative pair ({args.arch}, {args.preset}): target {target}, "
+              f"draft {draft}")
+        return 0
     path = make_model(args.out, arch=args.arch, preset=args.preset, seed=args.seed)
     print(f"wrote a random-weight {args.arch} checkpoint ({args.preset}) to {path}")
     return 0
@@ -74,7 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-model", help="write a small random-weight HF checkpoint + tokenizer")
     p.add_argument("out")
     p.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
-    p.add_argument("--preset", default="tiny", choices=["tiny", "bench"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "demo", "bench"])
+    p.add_argument("--pair", action="store_true",
+                   help="write OUT/target and OUT/draft: a draft that agrees with its target "
+                        "(the target adds layers with small residual writes; see make_pair.py)")
+    p.add_argument("--extra-layers", type=int, default=6, help="--pair: target layers beyond "
+                                                                 "the draft's")
+    p.add_argument("--draft-layers", type=int, default=None,
+                   help="--pair: the draft's layers (default: the preset's)")
+    p.add_argument("--residual-scale", type=float, default=0.05,
+                   help="--pair: scale of the extra layers' output projections (smaller = the "
+                        "draft agrees more)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_model)
 

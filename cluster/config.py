@@ -29,6 +29,58 @@ class SchedulerConfig:
             raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
 
 
+SPEC_METHODS = ("ngram", "draft_model")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """``speculative_config={"method": "ngram", "num_speculative_tokens": k, ...}`` or
+    ``{"model": D, "num_speculative_tokens": k}`` (method "draft_model", the default when a model
+    is given): D must share the target's tokenizer (checked at start)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4  # the maximum k per step
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    model: str | None = None
+    # Choose k per step from measured acceptance and step cost (cluster/spec_policy.py); False
+    # always proposes up to num_speculative_tokens.
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config.method must be one of {SPEC_METHODS}, "
+                             f"got {self.method!r}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
+            raise ValueError(f"speculative_config.num_speculative_tokens must be in [1, 16], "
+                             f"got {k!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"speculative_config.adaptive must be a bool, got {self.adaptive!r}")
+        if self.method == "draft_model" and not self.model:
+            raise ValueError("speculative_config.model: a draft model path is required with "
+                             "method 'draft_model'")
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "SpeculativeConfig | None":
+        if data is None:
+            return None
+        if isinstance(data, SpeculativeConfig):
+            return data
+        if not isinstance(data, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(data).__name__}")
+        data = dict(data)
+        if "model" in data and "method" not in data:
+            data["method"] = "draft_model"
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                 "model", "adaptive"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"speculative_config.{unknown[0]} is not a known setting "
+                             f"(known: {sorted(known)})")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
@@ -38,6 +90,7 @@ class EngineConfig:
     # Streaming: send a request's delta every this many tokens (the first token at once).
     # Larger values spend less CPU on messages per token (serving many streams on few cores).
     stream_interval: int = 1
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.stream_interval, int) or self.stream_interval < 1:
@@ -68,6 +121,7 @@ class EngineConfig:
         tensor_parallel_size: int = 1,
         distributed_executor_backend: str = "auto",
         stream_interval: int = 1,
+        speculative_config: dict | None = None,
     ) -> "EngineConfig":
         if device is None:
             device = _default_device()
@@ -88,6 +142,7 @@ class EngineConfig:
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
                                     distributed_executor_backend=distributed_executor_backend),
             stream_interval=stream_interval,
+            speculative=SpeculativeConfig.from_dict(speculative_config),
         )
 
 

@@ -19,6 +19,7 @@ from raylm.cluster.outputs import RequestOutput
 from raylm.cluster.request import Request, Sequence
 from raylm.cluster.sampling_params import SamplingParams
 from raylm.cluster.scheduler import Scheduler, SchedulerOutput
+from raylm.cluster.speculation import Speculator
 from raylm.cluster.stop_checker import StopChecker
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,15 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.stop_checker = StopChecker(self.tokenizer, self.max_model_len)
+        self.speculator = None
+        if config.speculative is not None:
+            draft = None
+            if config.speculative.method == "draft_model":
+                from raylm.cluster.draft_proposer import DraftProposer
+
+                draft = DraftProposer(config.speculative.model, config, num_blocks,
+                                      self.tokenizer)
+            self.speculator = Speculator(config.speculative, self.max_model_len, draft)
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.executor.model_path)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -148,9 +158,13 @@ class EngineCore:
         """One batch. A fault in one request's own work (its input, its sampled tokens, its
         output) ends that request with an error output; only faults of the executor, which
         runs the whole batch, propagate (the engine is then dead)."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self._num_base_tokens())
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        step_start = time.perf_counter()
+        draft_probs = self.speculator.fill_drafts(sched) if self.speculator is not None else None
         failed: list[RequestOutput] = []
         try:
             inp, groups, prompt_seqs = build_model_input(sched, self.kv.block_size)
@@ -159,7 +173,13 @@ class EngineCore:
             if sched.is_empty:
                 return failed
             inp, groups, prompt_seqs = build_model_input(sched, self.kv.block_size)
+            # q's rows followed the dropped sequences too; point-mass verification of the same
+            # drafts is still lossless (only less accepting).
+            draft_probs = None
+        inp.spec_draft_probs = draft_probs
         out = self.executor.execute(inp)
+        if self.speculator is not None:
+            self.speculator.observe_step(inp.num_tokens, time.perf_counter() - step_start)
         if out.prompt_logprobs:
             for seq, (start, *_), rows in zip(prompt_seqs, inp.prompt_logprob_rows,
                                               out.prompt_logprobs):
@@ -167,6 +187,12 @@ class EngineCore:
                               seq, inp.positions[start], rows)
         outputs = self._update(sched, groups, out, emit_deltas, failed)
         return failed + outputs
+
+    def _num_base_tokens(self) -> int:
+        """Tokens the next step feeds without speculation (an estimate for the k policy)."""
+        gap = sum(s.num_tokens - s.num_computed_tokens for s in self.scheduler.running)
+        gap += sum(s.num_tokens for s in self.scheduler.waiting)
+        return min(gap, self.config.scheduler.max_num_batched_tokens)
 
     def _fail_bad_inputs(self, sched: SchedulerOutput) -> list[RequestOutput]:
         """Build each scheduled sequence's input alone; fail the requests whose input cannot be
@@ -224,7 +250,7 @@ class EngineCore:
                 emit_deltas: bool, failed: list[RequestOutput]) -> list[RequestOutput]:
         now = time.monotonic()
         for s in sched.scheduled:
-            if not s.seq.is_finished:
+            if not s.seq.is_finished and not s.seq.spec_token_ids:  # speculators: after accept
                 self.kv.cache_full_blocks(s.seq)
         if out.token_hidden_states is not None:
             first = 0
@@ -244,8 +270,13 @@ class EngineCore:
             hidden = out.hidden_states[g.first_row] if out.hidden_states is not None else None
             if request.first_token_time is None:
                 request.first_token_time = now
-            if self._guarded(request, failed, request.decoder.on_sampled,
-                             seq, tokens, lps, hidden, self):
+            if g.spec_token_ids:
+                done = self._guarded(request, failed, self.speculator.accept, seq, tokens, self,
+                                     self.kv)
+            else:
+                done = self._guarded(request, failed, request.decoder.on_sampled,
+                                     seq, tokens, lps, hidden, self)
+            if done:
                 touched[request.request_id] = request
         outputs = []
         for request in touched.values():
@@ -318,16 +349,22 @@ class EngineCore:
             "num_aborted": self.num_aborted,
             "num_failed": self.num_failed,
             **self.executor.get_stats(),
+            **(self.speculator.get_stats() if self.speculator is not None else {}),
         }
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
 
     def check_health(self) -> None:
-        """Raise if the executor lost a worker (cheap: no step is run)."""
+        """Raise if the executor lost a worker (cheap: no step is run). A lost draft worker
+        only turns speculation off."""
         self.executor.check_health()
+        if self.speculator is not None:
+            self.speculator.check()
 
     def shutdown(self) -> None:
+        if self.speculator is not None and self.speculator.draft is not None:
+            self.speculator.draft.close()
         self.executor.shutdown()
 
 

@@ -15,6 +15,9 @@ class SampleGroup:
     seq: Sequence
     first_row: int
     num_rows: int
+    # Speculative verification: the drafts fed after the sequence's tokens; row j scores the
+    # position after draft j - 1 (row 0: after the last real token).
+    spec_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -58,8 +61,9 @@ def build_sampling_metadata(groups: list[SampleGroup]) -> SamplingMetadata:
     for g in groups:
         seq, p, decoder = g.seq, g.seq.request.params, g.seq.request.decoder
         greedy = decoder.is_greedy_row(seq)
-        step = seq.num_output_tokens
         for i in range(g.num_rows):
+            # Verification rows score successive positions; n > 1 rows share one position.
+            step = seq.num_output_tokens + (i if g.spec_token_ids else 0)
             cols["temperature"].append(0.0 if greedy else p.temperature)
             cols["top_k"].append(0 if greedy else p.top_k)
             cols["top_p"].append(1.0 if greedy else p.top_p)
@@ -68,7 +72,8 @@ def build_sampling_metadata(groups: list[SampleGroup]) -> SamplingMetadata:
             cols["presence_penalty"].append(p.presence_penalty)
             cols["frequency_penalty"].append(p.frequency_penalty)
             # Each of a request's n sequences draws its own stream from the one seed.
-            cols["seeds"].append(None if p.seed is None else p.seed * 1_000_003 + seq.index + i)
+            stream = seq.index + (0 if g.spec_token_ids else i)
+            cols["seeds"].append(None if p.seed is None else p.seed * 1_000_003 + stream)
             cols["step_ids"].append(step)
             cols["num_logprobs"].append(decoder.num_logprobs(seq))
             banned.append(_banned_ids(seq, step))
@@ -78,7 +83,9 @@ def build_sampling_metadata(groups: list[SampleGroup]) -> SamplingMetadata:
         meta.banned_token_ids = banned
     if meta.needs_penalties:
         meta.prompt_token_ids = [seq.prompt_token_ids for seq in row_seqs]
-        meta.output_token_ids = [seq.output_token_ids for seq in row_seqs]
+        # A verification row's history includes the drafts before its position.
+        meta.output_token_ids = [g.seq.output_token_ids + list(g.spec_token_ids[:i])
+                                 for g in groups for i in range(g.num_rows)]
     return meta
 
 
@@ -93,12 +100,14 @@ def build_model_input(sched: SchedulerOutput, block_size: int
     groups: list[SampleGroup] = []
     prompt_rows: list[tuple[int, int, int, list[int]]] = []
     prompt_seqs: list[Sequence] = []
+    spec_groups: list[tuple[int, list[int]]] = []
     want_hidden = False
     for s in sched.scheduled:
         seq, start, n = s.seq, s.start_pos, s.num_new_tokens
         end = start + n
         blocks = seq.block_ids
-        input_ids.extend(seq.token_ids[start:end])
+        spec = seq.spec_token_ids
+        input_ids.extend((seq.token_ids + spec)[start:end] if spec else seq.token_ids[start:end])
         if n == 1:
             positions.append(start)
             slot_mapping.append(blocks[start // block_size] * block_size + start % block_size)
@@ -115,7 +124,12 @@ def build_model_input(sched: SchedulerOutput, block_size: int
         query_lens.append(n)
         seq_lens.append(end)
         block_tables.append(blocks)
-        if s.samples:
+        if s.samples and spec:
+            num_rows = len(spec) + 1
+            spec_groups.append((len(logits_indices), list(spec)))
+            groups.append(SampleGroup(seq, len(logits_indices), num_rows, tuple(spec)))
+            logits_indices.extend(range(len(input_ids) - num_rows, len(input_ids)))
+        elif s.samples:
             decoder = seq.request.decoder
             num_rows = decoder.num_samples(seq)
             groups.append(SampleGroup(seq, len(logits_indices), num_rows))
@@ -135,5 +149,6 @@ def build_model_input(sched: SchedulerOutput, block_size: int
         hidden_state_rows=[sp.first_row + i for sp in prompt_hidden_spans(sched)
                            for i in range(sp.num_rows)],
         prompt_logprob_rows=prompt_rows,
+        spec_groups=spec_groups,
     )
     return inp, groups, prompt_seqs

@@ -116,6 +116,15 @@ class KVCacheManager:
             self.pool.cache_block(seq.block_ids[i], keys[i])
         self.num_published[seq.seq_id] = num_full
 
+    def trim(self, seq: Sequence) -> None:
+        """Free the tail blocks past what ``seq.num_tokens`` tokens need (lookahead slots that
+        only rejected draft tokens used). They were allocated for this sequence alone."""
+        keep = self.blocks_needed(seq.num_tokens)
+        extra = seq.block_ids[keep:]
+        if extra:
+            self.pool.free(extra[::-1])
+            del seq.block_ids[keep:]
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares all the parent's blocks (n > 1, beam search)."""
         assert not child.block_ids

@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import Any
 
+from raylm.cluster.channel_client import ChannelClient
 from raylm.cluster.config import EngineConfig
 from raylm.cluster.errors import WorkerDiedError
 from raylm.cluster.executor import Executor
@@ -24,7 +25,6 @@ from raylm.workers.model_input import ModelInput, ModelOutput
 logger = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 120.0  # a group that cannot be placed in this long never will be
-POLL_S = 0.5  # how often a waiting driver checks that every rank is alive
 _WORKER_ENV_PREFIXES = ("RAYLM_", "TRITON_", "TORCH_EXTENSIONS_DIR")  # the ranks see them too
 WORKER_NAMESPACE = "raylm-workers"
 
@@ -34,7 +34,6 @@ class RayExecutor(Executor):
         import ray
 
         from raylm.workers.loader import resolve_model_path
-        from raylm.workers.shm_channel import ShmChannel
         from raylm.workers.worker import Worker
 
         if not ray.is_initialized():
@@ -51,6 +50,11 @@ class RayExecutor(Executor):
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
         on_gpu = config.model.device.startswith("cuda")
         self._pg, self._owns_pg, bundles = _placement_group(tp, on_gpu)
+        spec = config.speculative
+        if on_gpu and not self._owns_pg and spec is not None and spec.method == "draft_model":
+            from raylm.cluster.draft_proposer import DRAFT_GPU_SHARE
+
+            bundles[0]["GPU"] = max(0.0, bundles[0].get("GPU", 0.0) - DRAFT_GPU_SHARE)
         actor_class = ray.remote(Worker)
         env = {k: v for k, v in os.environ.items() if k.startswith(_WORKER_ENV_PREFIXES)}
         self.group_id = uuid.uuid4().hex[:8]
@@ -72,10 +76,7 @@ class RayExecutor(Executor):
         except BaseException:
             self.shutdown()
             raise
-        self._inbox = ShmChannel.create(num_readers=tp)
-        self._outbox = ShmChannel.create(num_readers=1).as_reader(0)
-        self._loops = [w.run_loop.remote(self._inbox.handle, self._outbox.handle if r == 0 else None)
-                       for r, w in enumerate(self.workers)]
+        self._channel = ChannelClient(self.workers, "tensor-parallel")
 
     def _start(self, config: EngineConfig, bundles: list[dict[str, float]], on_gpu: bool) -> None:
         import ray
@@ -120,33 +121,20 @@ class RayExecutor(Executor):
 
     # -- steps -------------------------------------------------------------------------------
     def execute(self, inp: ModelInput) -> ModelOutput:
-        from raylm.workers.worker import ERROR, EXECUTE
+        from raylm.workers.worker import EXECUTE
 
-        if self._closed:
-            raise WorkerDiedError("the tensor-parallel workers are shut down")
         start = time.perf_counter()
-        self._inbox.put((EXECUTE, inp), check=self._check_workers)
-        kind, payload, compute_s = self._outbox.get(timeout=POLL_S, check=self._check_workers)
-        if kind == ERROR:
-            raise WorkerDiedError(f"a tensor-parallel rank failed: {payload}")
+        out, compute_s = self._channel.call(EXECUTE, inp)
         overhead = time.perf_counter() - start - compute_s
         self._num_steps += 1
         self._dispatch_s += overhead
         self._recent_dispatch_s.append(overhead)
-        return payload
+        return out
 
     def ping(self, num_round_trips: int) -> list[float]:
         """Round-trip times (s) of an empty message through the channels, as a step's control
         path sees them (the dispatch microbenchmark)."""
-        from raylm.workers.worker import PING
-
-        times = []
-        for i in range(num_round_trips):
-            start = time.perf_counter()
-            self._inbox.put((PING, i), check=self._check_workers)
-            self._outbox.get(timeout=POLL_S, check=self._check_workers)
-            times.append(time.perf_counter() - start)
-        return times
+        return self._channel.round_trips(num_round_trips)
 
     def all_reduce_latency(self, numel: int, num_iters: int = 200) -> float:
         """Median seconds of one all-reduce of ``numel`` model-dtype elements across the group
@@ -167,24 +155,10 @@ class RayExecutor(Executor):
             times.append(time.perf_counter() - start)
         return times
 
-    def _check_workers(self) -> None:
-        import ray
-
-        ready, _ = ray.wait(self._loops, num_returns=len(self._loops), timeout=0)
-        if not ready:
-            return
-        rank = self._loops.index(ready[0])
-        try:
-            ray.get(ready[0])
-        except Exception as exc:  # noqa: BLE001 - RayActorError, the rank's own exception...
-            raise WorkerDiedError(f"tensor-parallel rank {rank} died: "
-                                  f"{type(exc).__name__}: {str(exc)[:500]}") from exc
-        raise WorkerDiedError(f"tensor-parallel rank {rank} stopped serving")
-
     def check_health(self) -> None:
         if self._closed:
             raise WorkerDiedError("the tensor-parallel workers are shut down")
-        self._check_workers()
+        self._channel.check()
 
     def get_stats(self) -> dict[str, Any]:
         mean = self._dispatch_s / self._num_steps if self._num_steps else 0.0
@@ -199,14 +173,9 @@ class RayExecutor(Executor):
         if self._closed:
             return
         self._closed = True
-        inbox = getattr(self, "_inbox", None)
-        if inbox is not None:
-            from raylm.workers.worker import STOP
-
-            try:
-                inbox.put((STOP, None), check=self._check_workers)
-            except Exception:  # noqa: BLE001 - a dead rank needs no stop message
-                pass
+        channel = getattr(self, "_channel", None)
+        if channel is not None:
+            channel.close()
         for w in getattr(self, "workers", []):
             try:
                 ray.kill(w, no_restart=True)
@@ -219,9 +188,6 @@ class RayExecutor(Executor):
                 remove_placement_group(self._pg)
             except Exception:  # noqa: BLE001 - Ray already shut down
                 pass
-        for channel in (inbox, getattr(self, "_outbox", None)):
-            if channel is not None:
-                channel.close()
         rendezvous = getattr(self, "_rendezvous", None)
         if rendezvous is not None and os.path.exists(rendezvous):
             os.unlink(rendezvous)

@@ -40,6 +40,10 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.output_logprobs: list[dict[int, float]] = []
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache (first schedule)
+        # Proposed next tokens (speculative decoding), fed after token_ids and verified this
+        # step; never part of token_ids until accepted.
+        self.spec_token_ids: list[int] = []
+        self.draft_num_computed = 0  # leading tokens whose KV the draft model's pool holds
         self.detokenizer: Any = None  # IncrementalDetokenizer, set by the engine
         # Streaming cursors: what the previous RequestOutput already carried.
         self.num_emitted_tokens = 0
@@ -94,6 +98,7 @@ class Request:
         self.aborted = False
         self.decoder: Any = None  # a cluster.decoding.Decoder, set by the engine
         self.cache_salt: str | None = None  # isolates this request's prefix-cache entries
+        self.spec_acceptance: float | None = None  # moving acceptance rate of its drafts
         self.prompt_logprobs: list[dict[int, float] | None] | None = None  # when asked
         self.num_unstreamed_steps = 0  # steps with new tokens since the last streamed delta
         self.streamed_any = False

@@ -23,7 +23,8 @@ class ScheduledSeq:
     samples: bool = False
 
     def __post_init__(self) -> None:
-        self.samples = self.start_pos + self.num_new_tokens == self.seq.num_tokens
+        end = self.seq.num_tokens + len(self.seq.spec_token_ids)
+        self.samples = self.start_pos + self.num_new_tokens == end
 
 
 @dataclass
@@ -86,7 +87,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            gap = seq.num_tokens - seq.num_computed_tokens
+            if seq.spec_token_ids and gap + len(seq.spec_token_ids) > budget:
+                seq.spec_token_ids = []  # no room to verify this step: decode plainly
+            # Draft tokens count in the budget and get slots (lookahead) like any other token.
+            num_new = min(gap + len(seq.spec_token_ids), budget)
             if num_new <= 0:
                 i += 1
                 continue
@@ -157,6 +162,8 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
+        seq.draft_num_computed = 0
         seq.request.num_preemptions += 1
         self.num_preemptions += 1
         out.preempted.append(seq)

@@ -39,7 +39,11 @@ def server(tiny_model):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         serve.run(build_app({"model": model, "dtype": "float32", "device": "cpu",
-                             "tensor_parallel_size": 2, "kv_cache_memory": 64 << 20}),
+                             "tensor_parallel_size": 2, "kv_cache_memory": 64 << 20,
+                             # verification rows travel through the ranks' channel too
+                             "speculative_config": {"method": "ngram",
+                                                    "num_speculative_tokens": 3,
+                                                    "adaptive": False}}),
                   name=APP, route_prefix="/")
         yield {"model": model,
                "client": openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1",
@@ -52,12 +56,14 @@ def server(tiny_model):
 def test_tp2_replica_answers_like_tp1(server):
     from raylm.cluster import LLM, SamplingParams
 
-    prompt = [5, 17, 99, 300, 41]
+    prompt = [5, 17, 99, 300, 41] * 4
     out = server["client"].completions.create(model=server["model"], prompt=prompt,
-                                              max_tokens=8, temperature=0)
+                                              max_tokens=24, temperature=0)
     expected = LLM(server["model"], dtype="float32").generate(
-        [prompt], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+        [prompt], SamplingParams(temperature=0, max_tokens=24))[0].outputs[0].text
     assert out.choices[0].text == expected
+    stats = serve.get_deployment_handle("LLMServer", app_name=APP).get_stats.remote().result()
+    assert stats["spec_num_draft_tokens"] > 0
     ranks = _rank_actors()
     assert sorted(a["name"][-5:] for a in ranks) == ["rank0", "rank1"]
 

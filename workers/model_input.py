@@ -65,6 +65,15 @@ class ModelInput:
     # Token rows (into input_ids) whose final normed hidden states come back as
     # ModelOutput.token_hidden_states, whether or not they sample (contrastive search's prompt).
     hidden_state_rows: list[int] = field(default_factory=list)
+    # Speculative verification: per sequence (first logits row, its draft token ids). Its
+    # len(drafts) + 1 rows score the positions after the last real token and after each draft;
+    # ModelOutput.sampled_token_ids then holds the emitted tokens on those rows, -1 past them.
+    spec_groups: list[tuple[int, list[int]]] = field(default_factory=list)
+    # The draft model's q for each spec group's drafts ([num_groups, k_max, vocab] tensor), when
+    # some group samples; None = point-mass proposals (n-gram) or greedy-only verification.
+    spec_draft_probs: object | None = None
+    # Return the processed distribution each sampled row drew from (the draft model's q).
+    return_sampling_probs: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -87,3 +96,4 @@ class ModelOutput:
     # Per prompt_logprob_rows entry, per row: (ids, logprobs), the actual next prompt token first.
     prompt_logprobs: list[list[tuple[list[int], list[float]]]] | None = None
     token_hidden_states: object | None = None  # torch.Tensor [len(hidden_state_rows), hidden]
+    sampling_probs: object | None = None  # torch.Tensor [num_sampled, vocab] when asked

@@ -182,6 +182,12 @@ class ModelRunner:
             return None
         sampled = self.sampler(logits, inp.sampling,
                                banned_token_ids=inp.sampling.banned_token_ids)
+        if inp.spec_groups:
+            sampled.sampled_token_ids = self.sampler.verify(
+                logits, inp.sampling, inp.spec_groups, sampled.sampled_token_ids,
+                inp.spec_draft_probs)
+        if inp.return_sampling_probs:
+            out.sampling_probs = self.sampler.sampling_probs(logits, inp.sampling)
         out.sampled_token_ids = sampled.sampled_token_ids.tolist()
         if sampled.logprobs is not None:
             out.logprobs = self._logprob_lists(sampled, inp.sampling.num_logprobs)

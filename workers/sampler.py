@@ -65,10 +65,7 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == meta.num_rows, (logits.shape, meta.num_rows)
         logits = logits.float()  # a no-op for float32; penalties and softmax need it for bf16
         raw_logits = logits
-        if banned_token_ids is not None and any(banned_token_ids):
-            logits = mask_token_ids(logits, banned_token_ids)
-        if meta.needs_penalties:
-            logits = self._penalize(logits, meta)
+        logits = self._masked_and_penalized(logits, meta, banned_token_ids)
 
         greedy_rows = [i for i, t in enumerate(meta.temperature) if t == 0.0]
         random_rows = [i for i, t in enumerate(meta.temperature) if t != 0.0]
@@ -86,6 +83,65 @@ class Sampler:
             return SamplerOutput(sampled, None, None)
         logprob_ids, logprobs = gather_logprobs(compute_logprobs(raw_logits), sampled, max_num_logprobs)
         return SamplerOutput(sampled, logprob_ids, logprobs)
+
+    def _masked_and_penalized(self, logits: torch.Tensor, meta: SamplingMetadata,
+                              banned_token_ids: list[list[int]] | None) -> torch.Tensor:
+        if banned_token_ids is not None and any(banned_token_ids):
+            logits = mask_token_ids(logits, banned_token_ids)
+        if meta.needs_penalties:
+            logits = self._penalize(logits, meta)
+        return logits
+
+    def verify(
+        self,
+        logits: torch.Tensor,  # [num_rows, vocab] float32 (raw)
+        meta: SamplingMetadata,
+        spec_groups: list[tuple[int, list[int]]],
+        sampled: torch.Tensor,  # [num_rows] int64, this step's plain samples
+        draft_probs: torch.Tensor | None = None,  # [num_groups, k_max, vocab]; None = point masses
+    ) -> torch.Tensor:  # [num_rows] int64
+        """Replace the rows of speculative sequences by what they emit (rejection_sampler.py):
+        accepted drafts, then the correction or bonus token, then -1."""
+        from raylm.workers.rejection_sampler import rejection_sample
+
+        logits = self._masked_and_penalized(logits.float(), meta, meta.banned_token_ids)
+        k = max(len(drafts) for _, drafts in spec_groups)
+        device = logits.device
+        index = torch.tensor([[first + min(j, len(drafts)) for j in range(k + 1)]
+                              for first, drafts in spec_groups], device=device)  # [S, k + 1]
+        flat = index.flatten().tolist()
+        probs = self.processed_probs(logits[index.flatten()], meta, flat)
+        probs = probs.view(len(spec_groups), k + 1, -1)  # [S, k + 1, vocab]
+        drafts = torch.tensor([d + [0] * (k - len(d)) for _, d in spec_groups], device=device)
+        firsts = [first for first, _ in spec_groups]
+        if draft_probs is not None:
+            draft_probs = draft_probs.to(device=device, dtype=probs.dtype)
+        tokens, emitted = rejection_sample(
+            drafts, probs, draft_probs,
+            torch.tensor([meta.temperature[f] == 0.0 for f in firsts], device=device),
+            [meta.seeds[f] for f in firsts], [meta.step_ids[f] for f in firsts],
+            num_draft_tokens=torch.tensor([len(d) for _, d in spec_groups], device=device))
+        out = sampled.clone()
+        for i, (first, d) in enumerate(spec_groups):
+            out[first: first + len(d) + 1] = tokens[i, : len(d) + 1]
+        return out
+
+    def sampling_probs(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """What each row of this step sampled from ([num_rows, vocab]; greedy rows: logits)."""
+        logits = self._masked_and_penalized(logits.float(), meta, meta.banned_token_ids)
+        return self.processed_probs(logits, meta, list(range(meta.num_rows)))
+
+    def processed_probs(self, logits: torch.Tensor, meta: SamplingMetadata,
+                        rows: list[int]) -> torch.Tensor:  # [len(rows), vocab]
+        """The distribution each row samples from (``logits`` already masked and penalized;
+        row i of ``logits`` is meta row rows[i]). Greedy rows keep their logits: only their
+        argmax is used."""
+        random = [i for i, r in enumerate(rows) if meta.temperature[r] != 0.0]
+        probs = logits.clone()
+        if random:
+            index = torch.tensor(random, dtype=torch.int64, device=logits.device)
+            probs[index] = self._random_probs(logits[index], meta, [rows[i] for i in random])
+        return probs
 
     @staticmethod
     def _penalize(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -123,12 +179,33 @@ class Sampler:
         out[index] = sub
         return out
 
-    @staticmethod
+    @classmethod
     def _sample_random(
+        cls,
         logits: torch.Tensor,  # [num_random, vocab], rows = meta rows `rows`
         meta: SamplingMetadata,
         rows: list[int],
     ) -> torch.Tensor:  # [num_random] int64
+        probs = cls._random_probs(logits, meta, rows)  # [num_random, vocab]
+        device = logits.device
+        q = torch.empty_like(probs)  # [num_random, vocab]
+        if any(meta.seeds[i] is None for i in rows):
+            q.exponential_()  # engine RNG, one batched draw; seeded rows are overwritten below
+        for j, i in enumerate(rows):
+            seed = meta.seeds[i]
+            if seed is not None:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(step_seed(seed, meta.step_ids[i]))
+                q[j].exponential_(generator=gen)
+        return probs.div_(q.clamp_min_(_MIN_EXP)).argmax(dim=-1)
+
+    @staticmethod
+    def _random_probs(
+        logits: torch.Tensor,  # [num_random, vocab], rows = meta rows `rows`
+        meta: SamplingMetadata,
+        rows: list[int],
+    ) -> torch.Tensor:  # [num_random, vocab]
+        """temperature -> top-k -> top-p -> min-p -> softmax."""
         device = logits.device
         temperature = torch.tensor(
             [meta.temperature[i] for i in rows], dtype=torch.float32, device=device
@@ -144,17 +221,7 @@ class Sampler:
             min_p = torch.tensor([meta.min_p[i] for i in rows], dtype=torch.float32, device=device)
         if top_k is not None or top_p is not None or min_p is not None:
             logits = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p, max_top_k)
-        probs = logits.softmax(dim=-1)  # [num_random, vocab]
-        q = torch.empty_like(probs)  # [num_random, vocab]
-        if any(meta.seeds[i] is None for i in rows):
-            q.exponential_()  # engine RNG, one batched draw; seeded rows are overwritten below
-        for j, i in enumerate(rows):
-            seed = meta.seeds[i]
-            if seed is not None:
-                gen = torch.Generator(device=device)
-                gen.manual_seed(step_seed(seed, meta.step_ids[i]))
-                q[j].exponential_(generator=gen)
-        return probs.div_(q.clamp_min_(_MIN_EXP)).argmax(dim=-1)
+        return logits.softmax(dim=-1)
 
 
 def gather_logprobs(

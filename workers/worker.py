@@ -121,40 +121,53 @@ class Worker:
 
     # -- the step loop (Ray actor) -----------------------------------------------------------
     def run_loop(self, inbox_handle: dict, outbox_handle: dict | None) -> None:
-        """Serve steps until STOP. Rank 0 replies to each message on ``outbox``; a failure on
-        rank 0 is replied as ERROR, on another rank it ends this call (the driver sees it)."""
-        from raylm.workers.shm_channel import ShmChannel
+        """Serve steps until STOP (see serve_channel); only rank 0 answers."""
+        serve_channel(self.execute, self.rank, inbox_handle, outbox_handle, f"rank {self.rank}")
 
-        inbox = ShmChannel.attach(inbox_handle, reader_index=self.rank)
-        outbox = ShmChannel.attach(outbox_handle) if outbox_handle is not None else None
-        try:
-            while True:
-                kind, payload = inbox.get()
-                if kind == STOP:
-                    return
-                if kind == PING:
-                    if outbox is not None:
-                        outbox.put((PONG, payload, 0.0))
-                    continue
-                start = time.perf_counter()
-                try:
-                    out = self.execute(payload)
-                except Exception:  # noqa: BLE001 - a model fault: report it, then stop serving
-                    if outbox is None:
-                        raise
-                    outbox.put((ERROR, f"rank {self.rank}: {traceback.format_exc()}", 0.0))
-                    return
+
+def serve_channel(handler, reader_index: int, inbox_handle: dict, outbox_handle: dict | None,
+                  name: str) -> None:
+    """A worker's loop: ``handler(payload)`` for each EXECUTE on the inbox until STOP. With an
+    outbox, each result (or PONG, or the failure as ERROR, after which the loop stops) is
+    answered there; without one a failure ends this call, which the driver sees."""
+    from raylm.workers.shm_channel import ShmChannel
+
+    inbox = ShmChannel.attach(inbox_handle, reader_index=reader_index)
+    outbox = ShmChannel.attach(outbox_handle) if outbox_handle is not None else None
+    try:
+        while True:
+            kind, payload = inbox.get()
+            if kind == STOP:
+                return
+            if kind == PING:
                 if outbox is not None:
-                    outbox.put((OK, _to_host(out), time.perf_counter() - start))
-        finally:
-            inbox.close()
+                    outbox.put((PONG, payload, 0.0))
+                continue
+            start = time.perf_counter()
+            try:
+                out = handler(payload)
+            except Exception:  # noqa: BLE001 - a model fault: report it, then stop serving
+                if outbox is None:
+                    raise
+                outbox.put((ERROR, f"{name}: {traceback.format_exc()}", 0.0))
+                return
             if outbox is not None:
-                outbox.close()
+                outbox.put((OK, _to_host(out), time.perf_counter() - start))
+    finally:
+        inbox.close()
+        if outbox is not None:
+            outbox.close()
 
 
-def _to_host(out: ModelOutput) -> ModelOutput:
+def _to_host(out):
     """Tensors leave the GPU before crossing to the driver (which may have no GPU)."""
-    for name in ("hidden_states", "token_hidden_states"):
+    if isinstance(out, tuple):
+        return tuple(_to_host(x) for x in out)
+    if isinstance(out, torch.Tensor):
+        return out.cpu()
+    if not isinstance(out, ModelOutput):
+        return out
+    for name in ("hidden_states", "token_hidden_states", "sampling_probs"):
         value = getattr(out, name)
         if isinstance(value, torch.Tensor) and value.device.type != "cpu":
             setattr(out, name, value.cpu())

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raylm.cluster.bench import report, roofline
+from raylm.cluster.cli import json_dict
 from raylm.cluster.bench.throughput import (
     add_engine_arguments,
     build_llm,
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-iters", type=int, default=3, help="timed runs per measurement")
     parser.add_argument("--tp", type=_tp_list, default=[1],
                         help="tensor-parallel degrees to time side by side, e.g. 1,2")
+    parser.add_argument("--speculative-config", type=json_dict, default=None,
+                        help="also time each degree with this speculative decoding config "
+                             "(JSON), side by side with plain decoding")
     parser.add_argument("--out", default="bench_latency.json", help="JSON result path")
 
 
@@ -78,9 +82,10 @@ def _tp_list(text: str) -> list[int]:
     return values
 
 
-def _raylm_decode(args: argparse.Namespace, request: BenchRequest, tp: int = 1
-                  ) -> dict[str, float]:
-    llm = build_llm(args, enable_prefix_caching=False, max_num_seqs=1, tensor_parallel_size=tp)
+def _raylm_decode(args: argparse.Namespace, request: BenchRequest, tp: int = 1,
+                  speculative_config: dict | None = None) -> dict[str, float]:
+    llm = build_llm(args, enable_prefix_caching=False, max_num_seqs=1, tensor_parallel_size=tp,
+                    speculative_config=speculative_config)
     params = greedy_params(request.output_len)
 
     def generate() -> TokenTimes:
@@ -96,6 +101,9 @@ def _raylm_decode(args: argparse.Namespace, request: BenchRequest, tp: int = 1
     stats = llm.get_stats()
     if "executor_dispatch_us_mean" in stats:
         result["dispatch_us_per_step"] = stats["executor_dispatch_us_mean"]
+    if speculative_config is not None:
+        result["spec_acceptance_rate"] = stats["spec_acceptance_rate"]
+        result["spec_mean_acceptance_length"] = stats["spec_mean_acceptance_length"]
     llm.shutdown()
     del llm
     free_memory()
@@ -156,8 +164,12 @@ def run(args: argparse.Namespace) -> int:
     weight_bytes = counts.decode_weight_bytes(args.dtype)
     floor_s = weight_bytes / bandwidth
 
-    measured = {("raylm" if tp == 1 else f"raylm tp={tp}"): _raylm_decode(args, request, tp)
-                for tp in args.tp}
+    measured = {}
+    for tp in args.tp:
+        name = "raylm" if tp == 1 else f"raylm tp={tp}"
+        measured[name] = _raylm_decode(args, request, tp)
+        if args.speculative_config is not None:
+            measured[f"{name} spec"] = _raylm_decode(args, request, tp, args.speculative_config)
     if args.baseline == "hf":
         measured["hf"] = _hf_decode(args, request, device)
     results: dict[str, dict[str, float]] = {}
@@ -218,9 +230,16 @@ def _print_summary(data: dict[str, Any]) -> None:
         ("system", "decode ms/token", "tokens/s", "TTFT ms", "of floor"), rows))
     if data["decode_speed_ratio"] is not None:
         print(f"raylm decode speed / hf: {data['decode_speed_ratio']:.2f}x")
+    for name, r in data["results"].items():
+        if name.endswith(" spec"):
+            plain = data["results"][name.removesuffix(" spec")]
+            print(f"{name}: {plain['decode_s_per_token'] / r['decode_s_per_token']:.2f}x the "
+                  f"decode speed without speculation (acceptance "
+                  f"{100 * r['spec_acceptance_rate']:.0f}%, mean acceptance length "
+                  f"{r['spec_mean_acceptance_length']:.2f})")
     base = data["results"].get("raylm")
     for name, r in data["results"].items():
-        if name.startswith("raylm tp=") and base is not None:
+        if name.startswith("raylm tp=") and not name.endswith(" spec") and base is not None:
             print(f"{name} decode speed / tp=1: "
                   f"{base['decode_s_per_token'] / r['decode_s_per_token']:.2f}x "
                   f"(executor dispatch {r.get('dispatch_us_per_step', 0):.0f} us/step)")

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from raylm.cluster.cli import json_dict
 from raylm.cluster.bench import report, roofline
 from raylm.cluster.bench.workload import (
     BenchRequest,
@@ -67,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoding", default="greedy", choices=("greedy", "mixed"),
                         help="mixed: requests cycle through greedy, seeded sampling, beam search "
                              "(4 beams) and contrastive search (alpha 0.6, top_k 4)")
+    parser.add_argument("--speculative-config", type=json_dict, default=None,
+                        help="also run raylm with this speculative decoding config (JSON), side "
+                             "by side with plain decoding")
     parser.add_argument("--out", default="bench_throughput.json", help="JSON result path")
 
 
@@ -112,12 +116,14 @@ def mixed_params(index: int, output_len: int) -> Any:
 
 
 def run_raylm(
-    args: argparse.Namespace, info: ModelInfo, requests: Sequence[BenchRequest]
+    args: argparse.Namespace, info: ModelInfo, requests: Sequence[BenchRequest],
+    speculative_config: dict | None = None,
 ) -> RunResult:
     """Time `LLM.generate` on all requests at once (after a short warm-up generate)."""
     logger.info("raylm: building the engine for %s", args.model)
     llm = build_llm(
-        args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+        args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        speculative_config=speculative_config,
     )
     warmup = make_requests(info, 2, 16, 4, seed=args.seed + 1, fixed_lengths=True)
     llm.generate([r.prompt_token_ids for r in warmup], greedy_params(4), use_tqdm=False)
@@ -184,6 +190,8 @@ def _print_summary(data: dict[str, Any]) -> None:
     if data.get("output_throughput_ratio") is not None:
         print(f"raylm / hf output tokens/s: {data['output_throughput_ratio']:.2f}x "
               f"(hf static batch size {data['hf']['batch_size']})")
+    if data.get("spec_throughput_ratio") is not None:
+        print(f"raylm with speculation / without: {data['spec_throughput_ratio']:.2f}x")
     print(f"compute roofline: {roof['matmul_flops'] / 1e9:.1f} GFLOP/s measured "
           f"({roof['matmul_dtype']} torch.mm, best of several)")
     p = data["params"]
@@ -207,6 +215,9 @@ def run(args: argparse.Namespace) -> int:
     counts = roofline.count_params(args.model)
 
     results = {"raylm": result_dict(run_raylm(args, info, requests), counts, peak)}
+    if args.speculative_config is not None:
+        results["raylm spec"] = result_dict(
+            run_raylm(args, info, requests, args.speculative_config), counts, peak)
     data: dict[str, Any] = {
         "command": "throughput",
         "model": args.model,
@@ -229,6 +240,9 @@ def run(args: argparse.Namespace) -> int:
         },
         "results": results,
         "output_throughput_ratio": None,
+        "spec_throughput_ratio": (
+            results["raylm spec"]["output_tokens_per_s"] / results["raylm"]["output_tokens_per_s"]
+            if "raylm spec" in results else None),
     }
     if args.baseline == "hf":
         from raylm.cluster.bench.hf_baseline import run_hf_baseline

@@ -64,6 +64,8 @@ class AppConfig:
     max_queued_requests: int | None = None
     stream_interval: int = 1  # tokens per streamed delta (the first token always at once)
     tensor_parallel_size: int = 1
+    # speculative decoding, e.g. {"method": "ngram", "num_speculative_tokens": 4}
+    speculative_config: dict[str, Any] | None = None
     # placement: resources of each tensor-parallel rank's bundle; None = on CPU the node's
     # cores (a CPU replica computes on all of them), with a GPU one core
     num_cpus_per_rank: float | None = None
@@ -123,6 +125,10 @@ class AppConfig:
             # Decided here, in the process that builds the app: a replica actor that reserved
             # no GPU cannot see one, so it must be told.
             object.__setattr__(self, "device", _default_device())
+        if self.speculative_config is not None:
+            from raylm.cluster.config import SpeculativeConfig
+
+            SpeculativeConfig.from_dict(self.speculative_config)  # fail at build, not in replicas
         if self.num_gpus_per_rank is None:
             object.__setattr__(self, "num_gpus_per_rank",
                                1.0 if self.device.startswith("cuda") else 0.0)
@@ -156,7 +162,7 @@ class AppConfig:
         engine_fields = ("model", "dtype", "device", "max_model_len", "gpu_memory_utilization",
                          "block_size", "kv_cache_dtype", "max_num_seqs", "max_num_batched_tokens",
                          "kv_cache_memory", "enable_prefix_caching", "seed", "max_queued_requests",
-                         "stream_interval")
+                         "stream_interval", "speculative_config")
         out = {k: v for k, v in asdict(self).items() if k in engine_fields and v is not None}
         out["max_queued_requests"] = self.max_queued_requests
         out["tensor_parallel_size"] = self.tensor_parallel_size
@@ -167,7 +173,16 @@ class AppConfig:
         actors (tp > 1) it only schedules, and each rank's actor takes its whole bundle."""
         if self.tensor_parallel_size > 1:
             return {"num_cpus": 0, "num_gpus": 0}
-        return {"num_cpus": self.num_cpus_per_rank, "num_gpus": self.num_gpus_per_rank}
+        return {"num_cpus": self.num_cpus_per_rank,
+                "num_gpus": self.num_gpus_per_rank - self._draft_gpu_share()}
+
+    def _draft_gpu_share(self) -> float:
+        """What a draft model's actor takes of bundle 0's GPU (it shares the bundle)."""
+        if not self.num_gpus_per_rank or not (self.speculative_config or {}).get("model"):
+            return 0.0
+        from raylm.cluster.draft_proposer import DRAFT_GPU_SHARE
+
+        return DRAFT_GPU_SHARE
 
     def placement_group_bundles(self) -> list[dict[str, float]]:
         """One bundle per tensor-parallel rank; bundle 0 also holds the replica actor."""

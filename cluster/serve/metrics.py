@@ -15,6 +15,8 @@ _MONOTONIC_STATS = {
     "num_prompt_tokens": "raylm_prompt_tokens_total",
     "num_generation_tokens": "raylm_generation_tokens_total",
     "num_preemptions": "raylm_num_preemptions_total",
+    "spec_num_draft_tokens": "raylm_spec_draft_tokens_total",
+    "spec_num_accepted_tokens": "raylm_spec_accepted_tokens_total",
 }
 
 
@@ -39,6 +41,15 @@ class ServerMetrics:
             "Mean per-step control overhead of the tensor-parallel executor (wall time of a step "
             "minus rank 0's compute); 0 when the model runs in the replica's process.",
             tag_keys=tags)
+        self.spec_acceptance = metrics.Gauge(
+            "raylm_spec_acceptance_rate", "Accepted / proposed draft tokens (0..1).",
+            tag_keys=tags)
+        self.spec_k = metrics.Gauge(
+            "raylm_spec_current_k", "Draft tokens per sequence the adaptive policy chose last "
+            "step (0 = not speculating).", tag_keys=tags)
+        self.spec_enabled = metrics.Gauge(
+            "raylm_spec_enabled", "1 while speculative decoding runs; 0 when off or its draft "
+            "worker died.", tag_keys=tags)
         self.ttft = metrics.Histogram("raylm_time_to_first_token_seconds",
                                       "Arrival to first generated token.",
                                       boundaries=_LATENCY_BOUNDARIES, tag_keys=tags)
@@ -63,6 +74,9 @@ class ServerMetrics:
         self.kv_usage.set(float(stats.get("kv_usage", 0.0)), tags=self._tags)
         self.prefix_hit_rate.set(float(stats.get("prefix_cache_hit_rate", 0.0)), tags=self._tags)
         self.dispatch_us.set(float(stats.get("executor_dispatch_us_mean", 0.0)), tags=self._tags)
+        self.spec_acceptance.set(float(stats.get("spec_acceptance_rate", 0.0)), tags=self._tags)
+        self.spec_k.set(float(stats.get("spec_current_k", 0)), tags=self._tags)
+        self.spec_enabled.set(float(stats.get("spec_enabled", 0)), tags=self._tags)
         for key, counter in self._counters.items():
             value = int(stats.get(key, 0))
             delta = value - self._last_counts[key]

@@ -16,6 +16,8 @@ from typing import Any
 
 from raylm.cluster.serve.limits import DEFAULT_MAX_REQUEST_BYTES, api_key_from_env, export_limits
 
+from raylm.cluster.cli import json_dict
+
 APP_NAME = "raylm"
 APP_IMPORT_PATH = "raylm.cluster.serve.app:build_app"
 
@@ -88,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-interval", type=int, default=None,
                         help="tokens per streamed delta (default 1); larger values cost less "
                              "CPU per token when many streams share few cores")
+    parser.add_argument("--speculative-config", type=json_dict, default=None,
+                        help='speculative decoding as JSON, e.g. '
+                             '\'{"method": "ngram", "num_speculative_tokens": 4}\'')
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-cpus", type=int, default=None,
@@ -112,6 +117,7 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_memory": args.kv_cache_memory, "max_queued_requests": args.max_queued_requests,
         "enable_prefix_caching": not args.no_prefix_caching, "seed": args.seed,
         "stream_interval": args.stream_interval, "kv_cache_dtype": args.kv_cache_dtype,
+        "speculative_config": args.speculative_config,
         "tensor_parallel_size": args.tp, "min_replicas": min_replicas,
         "max_replicas": max_replicas, "target_ongoing_requests": args.target_ongoing_requests,
         "num_cpus_per_rank": (args.num_cpus_per_replica / args.tp

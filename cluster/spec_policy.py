@@ -1,0 +1,85 @@
+"""How many tokens to speculate this step: the k that maximises expected tokens per second.
+
+With acceptance rate a_i for sequence i (each draft accepted independently with probability a_i),
+verifying k drafts emits on average
+
+    E_i(k) = 1 + a_i + a_i^2 + ... + a_i^k = (1 - a_i^(k+1)) / (1 - a_i)
+
+tokens. A step that feeds N tokens costs T(N) = t0 + t1 * N seconds (a line fitted online to
+the measured step times; t1 is small while the batch is memory bound and grows when it becomes
+compute bound). Each step chooses
+
+    k* = argmax over k in 0..k_max of  sum_i E_i(min(k, cap_i)) / T(N0 + sum_i min(k, cap_i))
+
+where N0 is the step's tokens without speculation and cap_i what sequence i may still generate.
+At batch 1 on a memory-bound device T barely grows with N, so k* = k_max whenever a > 0; in a
+large compute-bound batch every extra verified token costs as much as a decoded one, the ratio
+is below 1 and k* = 0: speculation never makes serving slower than not speculating. A proposer's
+own cost (the n-gram lookup: ~0) is not in T. a_i is an exponential moving average per request
+(prior: the engine-wide rate). Pure Python.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DECAY = 0.98  # weight of the past in the step-time fit (about 50 steps of memory)
+PRIOR_ACCEPTANCE = 0.5
+MIN_SAMPLES = 8  # below this many measured steps, speculate fully (optimistic start)
+
+
+@dataclass
+class _Fit:
+    """Exponentially weighted least squares of time = t0 + t1 * tokens."""
+
+    w: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    sxy: float = 0.0
+    count: int = 0
+
+    def add(self, x: float, y: float) -> None:
+        self.w, self.sx, self.sy = DECAY * self.w + 1, DECAY * self.sx + x, DECAY * self.sy + y
+        self.sxx, self.sxy = DECAY * self.sxx + x * x, DECAY * self.sxy + x * y
+        self.count += 1
+
+    def line(self) -> tuple[float, float] | None:
+        var = self.w * self.sxx - self.sx * self.sx
+        if self.count < MIN_SAMPLES or var <= 1e-12 * max(1.0, self.w * self.sxx):
+            return None
+        t1 = max(0.0, (self.w * self.sxy - self.sx * self.sy) / var)
+        t0 = max(1e-9, (self.sy - t1 * self.sx) / self.w)
+        return t0, t1
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    if acceptance >= 1.0:
+        return float(k + 1)
+    return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+
+
+class AdaptiveK:
+    def __init__(self, k_max: int) -> None:
+        self.k_max = k_max
+        self.fit = _Fit()
+        self.last_k = k_max
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        self.fit.add(float(num_tokens), seconds)
+
+    def choose(self, num_base_tokens: int, acceptances: list[float], caps: list[int]) -> int:
+        """k for this step, given each candidate sequence's acceptance rate and cap."""
+        line = self.fit.line()
+        if line is None or not acceptances:
+            self.last_k = self.k_max
+            return self.k_max
+        t0, t1 = line
+        best_k, best_rate = 0, -1.0
+        for k in range(self.k_max + 1):
+            ks = [min(k, c) for c in caps]
+            tokens = sum(expected_tokens(a, ki) for a, ki in zip(acceptances, ks))
+            rate = tokens / (t0 + t1 * (num_base_tokens + sum(ks)))
+            if rate > best_rate * (1 + 1e-9):  # ties keep the smaller k
+                best_k, best_rate = k, rate
+        self.last_k = best_k
+        return best_k

@@ -1,0 +1,39 @@
+"""Adaptive speculation: full k while a step's cost barely grows with its tokens (batch 1,
+memory bound), k = 0 once every verified token costs as much as a decoded one (large batch,
+compute bound); in between, k follows acceptance."""
+import random
+
+from raylm.cluster.spec_policy import AdaptiveK, expected_tokens
+
+
+def _policy(t0: float, t1: float, noise: float = 0.0) -> AdaptiveK:
+    policy = AdaptiveK(k_max=4)
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 300)
+        policy.observe_step(n, (t0 + t1 * n) * (1 + noise * rng.uniform(-1, 1)))
+    return policy
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-12
+
+
+def test_memory_bound_batch_1_speculates_fully():
+    policy = _policy(t0=10e-3, t1=2e-6, noise=0.05)
+    assert policy.choose(1, [0.6], [100]) == 4
+
+
+def test_compute_bound_large_batch_does_not_speculate():
+    policy = _policy(t0=1e-4, t1=1e-3, noise=0.05)
+    assert policy.choose(64, [0.7] * 64, [100] * 64) == 0
+
+
+def test_k_follows_acceptance_and_caps():
+    policy = _policy(t0=5e-3, t1=1e-4)
+    low = policy.choose(32, [0.05] * 32, [100] * 32)
+    high = policy.choose(32, [0.95] * 32, [100] * 32)
+    assert low < high
+    assert AdaptiveK(k_max=4).choose(1, [0.5], [100]) == 4  # no measurements yet: optimistic
