@@ -14,7 +14,6 @@ With several ingress replicas the reports make every router learn the others' pl
 """
 from __future__ import annotations
 
-import logging
 import random
 from collections import OrderedDict
 from typing import Any, Collection, Dict, List, Optional
@@ -24,8 +23,6 @@ from ray.serve.request_router import (FIFOMixin, LocalityMixin, MultiplexMixin, 
 
 from raylm.cluster.serve.prefix_hash import request_prefix_digests
 from raylm.cluster.serve.routing_policy import ReplicaLoad, RouterConfig, choose
-
-logger = logging.getLogger(__name__)
 
 ROUTED_MEMORY = 65536  # digests this router remembers having sent somewhere (LRU)
 ROUTED_METHOD = "generate"
@@ -83,7 +80,7 @@ class PrefixAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter)
         stats = replica.routing_stats or {}
         reported = float(stats.get("num_running", 0)) + float(stats.get("num_waiting", 0))
         # the handle's queue-length cache counts what this router sent since: fresher
-        queued = self._replica_queue_len_cache.get(replica.replica_id)
+        queued = self.replica_queue_len_cache.get(replica.replica_id)
         load = max(reported, float(queued)) if queued is not None else reported
         return ReplicaLoad(replica.replica_id.unique_id, load, float(stats.get("kv_usage", 0.0)))
 
