@@ -86,17 +86,34 @@ def test_serve_starts_answers_and_exits_on_sigint(tiny_model):
     assert rc == 0
 
 
-def _rank_processes() -> list[int]:
-    """pids of live tensor-parallel rank actors on this machine (Ray titles them ray::Worker)."""
-    pids = []
+def _rank_processes(root: int) -> list[int]:
+    """pids of tensor-parallel rank actors (Ray titles them ray::Worker) started under the
+    process ``root`` (its raylet's children), so other Ray sessions on the machine don't count."""
+    parents, titles = {}, {}
     for entry in Path("/proc").iterdir():
-        try:
-            title = (entry / "cmdline").read_bytes().split(b"\0")[0]
-        except (OSError, ValueError):
+        if not entry.name.isdigit():
             continue
-        if title.startswith(b"ray::Worker"):
-            pids.append(int(entry.name))
-    return pids
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            titles[int(entry.name)] = (entry / "cmdline").read_bytes().split(b"\0")[0]
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def under_root(pid: int) -> bool:
+        for _ in range(32):
+            if pid == root:
+                return True
+            pid = parents.get(pid, 0)
+            if pid <= 1:
+                return False
+        return False
+
+    return [pid for pid, title in titles.items()
+            if title.startswith(b"ray::Worker") and under_root(pid)]
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
 
 
 @pytest.mark.slow
@@ -111,7 +128,8 @@ def test_serve_tp2_answers_like_tp1_and_leaves_nothing_running(tiny_model):
     try:
         _wait_for(lines, "Press Ctrl+C", timeout_s=240)
         _check_serving(model, http_port, grpc_port)
-        assert len(_rank_processes()) == 2
+        ranks = _rank_processes(proc.pid)
+        assert len(ranks) == 2
         import openai
 
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none")
@@ -124,9 +142,9 @@ def test_serve_tp2_answers_like_tp1_and_leaves_nothing_running(tiny_model):
         ["Hello there"], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
     assert got == expected
     deadline = time.monotonic() + 30
-    while _rank_processes() and time.monotonic() < deadline:
+    while _alive(ranks) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _rank_processes(), "rank actors outlived `raylm serve`"
+    assert not _alive(ranks), "rank actors outlived `raylm serve`"
 
 
 def test_serve_runs_a_config_file(tiny_model, tmp_path):
