@@ -24,7 +24,8 @@ from raylm.cluster.errors import EngineDeadError
 from raylm.cluster.serve import grpc_servicer, http_guard, openai_routes
 from raylm.cluster.serve.errors import ServeError, error_from_exception
 from raylm.cluster.serve.grpc_services import InvalidMessage
-from raylm.cluster.serve.protocol import ChatCompletionRequest, CompletionRequest
+from raylm.cluster.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                          TokenizeRequest)
 from raylm.proto import generation_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -190,6 +191,36 @@ class Ingress:
     def _model_card(info: dict[str, Any]) -> dict[str, Any]:
         return {"id": info["model"], "object": "model", "created": int(time.time()),
                 "owned_by": "raylm", "max_model_len": info["max_model_len"]}
+
+    # vLLM's tokenizer endpoints: lm-eval's `local-completions` probes /tokenizer_info and
+    # /tokenize and, when both answer, tokenizes through the server (no local checkpoint needed)
+
+    async def _call(self, method: str, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            result = await getattr(self._llm, method).remote(request)
+        except Exception as exc:
+            raise _handle_error(exc) from exc
+        if "error" in result:
+            raise ServeError.from_dict(result)
+        return result
+
+    @app.post("/tokenize")
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        result = await self._call("tokenize", await self._resolve_model(body.to_request()))
+        ids = result["token_ids"]
+        return {"count": len(ids), "max_model_len": (await self._model_info())["max_model_len"],
+                "tokens": ids, "token_strs": result["tokens"] if body.return_token_strs else None}
+
+    @app.post("/detokenize")
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        return await self._call("detokenize", await self._resolve_model(body.model_dump()))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(self) -> dict[str, Any]:
+        try:
+            return dict(await self._llm.tokenizer_info.remote())
+        except Exception as exc:
+            raise _handle_error(exc) from exc
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):

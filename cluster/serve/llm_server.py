@@ -284,6 +284,28 @@ class LLMServer:
             return error_from_exception(exc).to_dict()
         return {"token_ids": ids, "tokens": self.tokenizer.convert_ids_to_tokens(ids)}
 
+    def detokenize(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Text of token ids (vLLM's /detokenize); ids outside the vocabulary are an error."""
+        ids = request.get("tokens")
+        vocab = len(self.tokenizer)
+        bad = [t for t in ids if not 0 <= t < vocab] if isinstance(ids, list) else None
+        if bad is None or bad:
+            return ServeError("invalid_argument", f"tokens: ids must be in [0, {vocab}); got "
+                              f"{bad[:5] if bad else ids!r}", "tokens").to_dict()
+        return {"prompt": self.tokenizer.decode(ids)}
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """What vLLM's GET /tokenizer_info reports: special tokens, chat template, limits."""
+        tok = self.tokenizer
+        return {
+            "tokenizer_class": type(tok).__name__,
+            "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+            "pad_token": tok.pad_token, "unk_token": tok.unk_token,
+            "chat_template": getattr(tok, "chat_template", None),
+            "model_max_length": int(self.engine.max_model_len),
+            "vocab_size": len(tok),
+        }
+
     def model_info(self) -> dict[str, Any]:
         eos = self.tokenizer.eos_token_id
         return {

@@ -208,3 +208,34 @@ class ChatCompletionRequest(_SamplingBody):
             "sampling": sampling,
             "max_tokens_default": "context",
         }
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's `POST /tokenize` body: a text `prompt` or chat `messages` (lm-eval's remote
+    tokenizer sends `{"prompt": ..., "add_special_tokens": false}`)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessageBody] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    def to_request(self) -> dict[str, Any]:
+        if (self.prompt is None) == (self.messages is None):
+            raise ServeError("invalid_argument", "exactly one of prompt or messages is required",
+                             "prompt")
+        if self.messages is not None:
+            return {"model": self.model, "add_generation_prompt": self.add_generation_prompt,
+                    "messages": [{"role": m.role, "content": m.text(),
+                                  **({"name": m.name} if m.name is not None else {})}
+                                 for m in self.messages]}
+        return {"model": self.model, "text": self.prompt,
+                "add_special_tokens": self.add_special_tokens}
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's `POST /detokenize` body."""
+
+    model: str | None = None
+    tokens: list[int]
