@@ -171,8 +171,8 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        step_start = time.perf_counter()
         draft_probs = self.speculator.fill_drafts(sched) if self.speculator is not None else None
+        step_start = time.perf_counter()  # the target's step; fill_drafts times the draft
         failed: list[RequestOutput] = []
         try:
             inp, groups, prompt_seqs = build_model_input(sched, self.kv.block_size)

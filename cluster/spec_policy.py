@@ -9,14 +9,16 @@ tokens. A step that feeds N tokens costs T(N) = t0 + t1 * N seconds (a line fitt
 the measured step times; t1 is small while the batch is memory bound and grows when it becomes
 compute bound). Each step chooses
 
-    k* = argmax over k in 0..k_max of  sum_i E_i(min(k, cap_i)) / T(N0 + sum_i min(k, cap_i))
+    k* = argmax over k in 0..k_max of
+         sum_i E_i(min(k, cap_i)) / (T(N0 + sum_i min(k, cap_i)) + k * D(S))
 
-where N0 is the step's tokens without speculation and cap_i what sequence i may still generate.
+where N0 is the step's tokens without speculation, cap_i what sequence i may still generate, and
+D(S) = d0 + d1 * S the measured time of one batched draft forward over the S speculating
+sequences (a second online line; 0 for the n-gram proposer, whose lookup is not timed).
 At batch 1 on a memory-bound device T barely grows with N, so k* = k_max whenever a > 0; in a
 large compute-bound batch every extra verified token costs as much as a decoded one, the ratio
-is below 1 and k* = 0: speculation never makes serving slower than not speculating. A proposer's
-own cost (the n-gram lookup: ~0) is not in T. a_i is an exponential moving average per request
-(prior: the engine-wide rate). Pure Python.
+is below 1 and k* = 0: speculation never makes serving slower than not speculating. a_i is an
+exponential moving average per request (prior: the engine-wide rate). Pure Python.
 """
 from __future__ import annotations
 
@@ -61,11 +63,24 @@ def expected_tokens(acceptance: float, k: int) -> float:
 class AdaptiveK:
     def __init__(self, k_max: int) -> None:
         self.k_max = k_max
-        self.fit = _Fit()
+        self.fit = _Fit()  # target step seconds vs tokens fed
+        self.draft_fit = _Fit()  # one draft forward's seconds vs sequences drafting
         self.last_k = k_max
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         self.fit.add(float(num_tokens), seconds)
+
+    def observe_draft(self, num_seqs: int, num_forwards: int, seconds: float) -> None:
+        if num_forwards > 0:
+            self.draft_fit.add(float(num_seqs), seconds / num_forwards)
+
+    def _draft_seconds(self, num_seqs: int) -> float:
+        if self.draft_fit.count == 0:
+            return 0.0
+        line = self.draft_fit.line()
+        if line is None:  # one batch size seen so far: its mean
+            return self.draft_fit.sy / self.draft_fit.w
+        return line[0] + line[1] * num_seqs
 
     def choose(self, num_base_tokens: int, acceptances: list[float], caps: list[int]) -> int:
         """k for this step, given each candidate sequence's acceptance rate and cap."""
@@ -74,11 +89,12 @@ class AdaptiveK:
             self.last_k = self.k_max
             return self.k_max
         t0, t1 = line
+        draft_s = self._draft_seconds(len(acceptances))
         best_k, best_rate = 0, -1.0
         for k in range(self.k_max + 1):
             ks = [min(k, c) for c in caps]
             tokens = sum(expected_tokens(a, ki) for a, ki in zip(acceptances, ks))
-            rate = tokens / (t0 + t1 * (num_base_tokens + sum(ks)))
+            rate = tokens / (t0 + t1 * (num_base_tokens + sum(ks)) + max(ks) * draft_s)
             if rate > best_rate * (1 + 1e-9):  # ties keep the smaller k
                 best_k, best_rate = k, rate
         self.last_k = best_k

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import logging
+import time
 
 from raylm.cluster.decoding import EngineOps, SamplingDecoder
 from raylm.cluster.errors import WorkerDiedError
@@ -106,11 +107,14 @@ class Speculator:
         seqs = [s.seq for s in sched.scheduled if s.seq.spec_token_ids]
         if not seqs:
             return None
+        start = time.perf_counter()
         try:
             drafts, q = self.draft.propose(seqs, sched.copy_blocks)
         except WorkerDiedError as exc:
             self._lose_draft(sched, exc)
             return None
+        self.policy.observe_draft(len(seqs), max(len(d) for d in drafts),
+                                  time.perf_counter() - start)
         for seq, d in zip(seqs, drafts):
             seq.spec_token_ids = d
         return q

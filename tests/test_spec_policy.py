@@ -37,3 +37,11 @@ def test_k_follows_acceptance_and_caps():
     high = policy.choose(32, [0.95] * 32, [100] * 32)
     assert low < high
     assert AdaptiveK(k_max=4).choose(1, [0.5], [100]) == 4  # no measurements yet: optimistic
+
+
+def test_an_expensive_draft_lowers_k():
+    cheap, costly = _policy(t0=10e-3, t1=2e-6), _policy(t0=10e-3, t1=2e-6)
+    for s in (1, 4, 16):
+        cheap.observe_draft(s, 4, 4 * 0.5e-3)
+        costly.observe_draft(s, 4, 4 * 8e-3)  # each draft forward costs 80 % of a target step
+    assert costly.choose(1, [0.8], [100]) < cheap.choose(1, [0.8], [100]) == 4
