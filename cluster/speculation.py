@@ -52,6 +52,8 @@ class Speculator:
         self.proposer = NgramProposer(config.prompt_lookup_max, config.prompt_lookup_min)
         self.draft = draft  # proposes after scheduling (its KV needs the lookahead slots)
         self.enabled = True  # False once a draft model's worker died
+        self.draft_seconds = 0.0  # time in draft forwards
+        self.target_seconds = 0.0  # time in the target's steps
         k = config.num_speculative_tokens
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -113,8 +115,9 @@ class Speculator:
         except WorkerDiedError as exc:
             self._lose_draft(sched, exc)
             return None
-        self.policy.observe_draft(len(seqs), max(len(d) for d in drafts),
-                                  time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.draft_seconds += elapsed
+        self.policy.observe_draft(len(seqs), max(len(d) for d in drafts), elapsed)
         for seq, d in zip(seqs, drafts):
             seq.spec_token_ids = d
         return q
@@ -147,6 +150,7 @@ class Speculator:
             self.enabled = False
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
+        self.target_seconds += seconds
         self.policy.observe_step(num_tokens, seconds)
 
     def accept(self, seq: Sequence, tokens: list[int], ops: EngineOps,
@@ -190,6 +194,9 @@ class Speculator:
             "spec_mean_acceptance_length": (1 + self.num_accepted_tokens / self.num_verified_seqs
                                             if self.num_verified_seqs else 0.0),
             "spec_current_k": self.policy.last_k if self.enabled else 0,
+            "spec_draft_time_fraction": (
+                self.draft_seconds / (self.draft_seconds + self.target_seconds)
+                if self.draft_seconds + self.target_seconds else 0.0),
             "spec_enabled": int(self.enabled),
             "spec_acceptance_rate_per_position": [
                 a / d if d else 0.0

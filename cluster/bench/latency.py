@@ -104,6 +104,7 @@ def _raylm_decode(args: argparse.Namespace, request: BenchRequest, tp: int = 1,
     if speculative_config is not None:
         result["spec_acceptance_rate"] = stats["spec_acceptance_rate"]
         result["spec_mean_acceptance_length"] = stats["spec_mean_acceptance_length"]
+        result["spec_draft_time_fraction"] = stats["spec_draft_time_fraction"]
     llm.shutdown()
     del llm
     free_memory()
@@ -236,7 +237,8 @@ def _print_summary(data: dict[str, Any]) -> None:
             print(f"{name}: {plain['decode_s_per_token'] / r['decode_s_per_token']:.2f}x the "
                   f"decode speed without speculation (acceptance "
                   f"{100 * r['spec_acceptance_rate']:.0f}%, mean acceptance length "
-                  f"{r['spec_mean_acceptance_length']:.2f})")
+                  f"{r['spec_mean_acceptance_length']:.2f}, draft "
+                  f"{100 * r['spec_draft_time_fraction']:.0f}% of step time)")
     base = data["results"].get("raylm")
     for name, r in data["results"].items():
         if name.startswith("raylm tp=") and not name.endswith(" spec") and base is not None:
