@@ -85,9 +85,15 @@ class AdaptiveK:
     def choose(self, num_base_tokens: int, acceptances: list[float], caps: list[int]) -> int:
         """k for this step, given each candidate sequence's acceptance rate and cap."""
         line = self.fit.line()
-        if line is None or not acceptances:
-            self.last_k = self.k_max
-            return self.k_max
+        if not acceptances:
+            return self.last_k
+        if line is None:
+            # Warming up: speculate fully to measure it. Later, a degenerate fit (every recent
+            # step fed about the same tokens) holds the last decision rather than re-exploring
+            # with a full k at the current, maybe compute-bound, batch.
+            if self.fit.count < MIN_SAMPLES:
+                self.last_k = self.k_max
+            return self.last_k
         t0, t1 = line
         draft_s = self._draft_seconds(len(acceptances))
         best_k, best_rate = 0, -1.0

@@ -45,3 +45,11 @@ def test_an_expensive_draft_lowers_k():
         cheap.observe_draft(s, 4, 4 * 0.5e-3)
         costly.observe_draft(s, 4, 4 * 8e-3)  # each draft forward costs 80 % of a target step
     assert costly.choose(1, [0.8], [100]) < cheap.choose(1, [0.8], [100]) == 4
+
+
+def test_a_steady_batch_holds_its_decision():
+    policy = _policy(t0=1e-4, t1=1e-3)
+    assert policy.choose(64, [0.7] * 64, [100] * 64) == 0
+    for _ in range(500):  # a long steady phase: every step feeds 64 tokens
+        policy.observe_step(64, 1e-4 + 64e-3)
+    assert policy.choose(64, [0.7] * 64, [100] * 64) == 0  # no costly re-exploration at full k
