@@ -197,10 +197,15 @@ class EngineCore:
         return failed + outputs
 
     def _num_base_tokens(self) -> int:
-        """Tokens the next step feeds without speculation (an estimate for the k policy)."""
+        """Tokens the next step feeds without speculation (an estimate for the k policy). Stops
+        counting at the budget: a long waiting queue costs nothing per step."""
+        budget = self.config.scheduler.max_num_batched_tokens
         gap = sum(s.num_tokens - s.num_computed_tokens for s in self.scheduler.running)
-        gap += sum(s.num_tokens for s in self.scheduler.waiting)
-        return min(gap, self.config.scheduler.max_num_batched_tokens)
+        for seq in self.scheduler.waiting:
+            if gap >= budget:
+                break
+            gap += seq.num_tokens
+        return min(gap, budget)
 
     def _fail_bad_inputs(self, sched: SchedulerOutput) -> list[RequestOutput]:
         """Build each scheduled sequence's input alone; fail the requests whose input cannot be
