@@ -59,6 +59,7 @@ class RayExecutor(Executor):
         env = {k: v for k, v in os.environ.items() if k.startswith(_WORKER_ENV_PREFIXES)}
         self.group_id = uuid.uuid4().hex[:8]
         self.workers = []
+        self._actor_names = [f"raylm-tp-{self.group_id}-rank{rank}" for rank in range(tp)]
         for rank in range(tp):
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -68,7 +69,7 @@ class RayExecutor(Executor):
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._pg, placement_group_bundle_index=rank),
                 runtime_env={"env_vars": env} if env else None,
-                name=f"raylm-tp-{self.group_id}-rank{rank}",  # findable by operators and tests
+                name=self._actor_names[rank],  # findable by operators and tests
                 namespace=WORKER_NAMESPACE,
             ).remote(rank, tp))
         try:
@@ -181,6 +182,7 @@ class RayExecutor(Executor):
                 ray.kill(w, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        _wait_until_unnamed(getattr(self, "_actor_names", []))
         if self._owns_pg:
             from ray.util import remove_placement_group
 
@@ -191,6 +193,23 @@ class RayExecutor(Executor):
         rendezvous = getattr(self, "_rendezvous", None)
         if rendezvous is not None and os.path.exists(rendezvous):
             os.unlink(rendezvous)
+
+
+def _wait_until_unnamed(names: list[str], timeout_s: float = 10.0) -> None:
+    """ray.kill returns before the GCS forgets the actors: wait (bounded) so that a shutdown
+    leaves nothing behind that a caller (or a new group reusing the id) could still see."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while names and time.monotonic() < deadline:
+        try:
+            alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["namespace"] == WORKER_NAMESPACE}
+        except Exception:  # noqa: BLE001 - Ray already shut down
+            return
+        if not alive.intersection(names):
+            return
+        time.sleep(0.05)
 
 
 def _placement_group(tp: int, on_gpu: bool):

@@ -14,6 +14,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_sessionstart(session):
+    """Compile the CPU ops once, here, before any Ray worker or Serve replica would (a fresh
+    clone builds them in a few minutes; every later process only imports the result)."""
+    from raylm.kernels.cpu_ops import load_extension
+
+    load_extension()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Callable[[str], pathlib.Path]:
     """Factory: ``tiny_model("llama" | "mistral" | "qwen2" | "qwen3")`` -> checkpoint directory.

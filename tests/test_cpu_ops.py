@@ -1,6 +1,7 @@
 """The compiled CPU ops equal their torch references: paged attention on ragged, mixed, paged
 batches; the few-row streaming linear."""
 import itertools
+import os
 
 import pytest
 import torch
@@ -114,3 +115,25 @@ def test_fused_norms_rotary_and_activation_match_references():
     y = torch.randn(70, 2 * 40, generator=g)
     gate, up = y.chunk(2, dim=-1)
     torch.testing.assert_close(silu_and_mul(y), torch.nn.functional.silu(gate) * up)
+
+
+def test_a_build_left_behind_by_a_killed_builder_does_not_block_loading(tmp_path):
+    """A builder killed mid-build leaves torch's lock file and no completion marker; the next
+    process must take over the build instead of waiting forever on that lock."""
+    import shutil
+    import subprocess
+    import sys
+
+    from raylm.kernels.cpu_ops import build_directory
+
+    built = build_directory()
+    stale = tmp_path / built.name
+    shutil.copytree(built, stale)
+    (stale / "build-complete").unlink()
+    (stale / "lock").touch()  # what a dead builder leaves
+    code = ("from raylm.kernels.cpu_ops import load_extension; import torch; "
+            "ext = load_extension(); x = torch.randn(2, 8); w = torch.randn(4, 8); "
+            "assert torch.allclose(ext.linear_small_batch(x, w, None), x @ w.T, atol=1e-5)")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=240)
+    assert (stale / "build-complete").exists() and not (stale / "lock").exists()
