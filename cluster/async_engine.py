@@ -2,24 +2,35 @@
 
 ``generate`` is an async iterator of RequestOutput deltas; leaving it early (break, cancel,
 client disconnect) aborts the request and frees its blocks at the next step.
+
+Threads: the step thread owns the engine (and its tokenizer, which detokenizes); the event loop
+has a tokenizer of its own (HF fast tokenizers must not be shared between threads), and long
+prompts are tokenized on a third thread with a third copy so the loop keeps streaming. A step's
+outputs reach each event loop in one callback, and a stream whose reader fell behind gets its
+pending deltas as one merged item.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
+from collections import defaultdict
 from typing import AsyncIterator
 
 from raylm.cluster.config import EngineConfig
 from raylm.cluster.engine_core import EngineCore
 from raylm.cluster.errors import EngineDeadError, QueueFullError, RequestFailedError
-from raylm.cluster.outputs import RequestOutput
+from raylm.cluster.outputs import RequestOutput, merge_deltas
 from raylm.cluster.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.05
+# Prompts longer than this (characters) are tokenized off the event loop: ~1 ms of tokenizer
+# time and up; shorter ones cost less than the thread hop.
+OFFLOAD_TOKENIZE_CHARS = 4096
 
 
 class _Stream:
@@ -32,6 +43,28 @@ class _Stream:
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
+    async def get(self) -> RequestOutput | BaseException:
+        """The next item; deltas that piled up behind it (a slow reader) come merged."""
+        item = await self.queue.get()
+        while isinstance(item, RequestOutput) and not self.queue.empty():
+            newer = self.queue.get_nowait()
+            if isinstance(newer, BaseException):  # the error is delivered next time
+                self.queue._queue.appendleft(newer)  # noqa: SLF001 - put it back in front
+                break
+            item = merge_deltas(item, newer)
+        return item
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
+    for q, item in batch:
+        q.put_nowait(item)
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
 
 class AsyncEngine:
     def __init__(self, model: str, **kwargs) -> None:
@@ -43,13 +76,30 @@ class AsyncEngine:
         self._num_pending_adds = 0
         self._stopped = False
         self._error: BaseException | None = None
+        path = self.core.executor.model_path
+        self.tokenizer = _load_tokenizer(path)  # the event loop's own copy
+        self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="raylm-tokenize",
+            initializer=self._init_tokenize_thread, initargs=(path,))
         self._thread = threading.Thread(target=self._run, name="raylm-step-loop", daemon=True)
         self._thread.start()
 
-    # -- properties the servers use ---------------------------------------------------------
-    @property
-    def tokenizer(self):
-        return self.core.tokenizer
+    _thread_local = threading.local()
+
+    @classmethod
+    def _init_tokenize_thread(cls, path: str) -> None:
+        cls._thread_local.tokenizer = _load_tokenizer(path)
+
+    @classmethod
+    def _encode_here(cls, text: str) -> list[int]:
+        return cls._thread_local.tokenizer.encode(text)
+
+    async def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt, as the engine would tokenize it; long text off the loop."""
+        if len(text) <= OFFLOAD_TOKENIZE_CHARS:
+            return self.tokenizer.encode(text)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, self._encode_here, text)
 
     @property
     def max_model_len(self) -> int:
@@ -64,8 +114,12 @@ class AsyncEngine:
                        request_id: str | None = None, priority: int = 0,
                        max_tokens_must_fit: bool = False) -> AsyncIterator[RequestOutput]:
         self.check_health()
+        text = None
+        if isinstance(prompt, str):
+            text, prompt = prompt, await self.encode(prompt)
         request = self.core.make_request(prompt, sampling_params, request_id, priority,
-                                         max_tokens_must_fit=max_tokens_must_fit)
+                                         max_tokens_must_fit=max_tokens_must_fit,
+                                         prompt_text=text)
         rid = request.request_id
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
@@ -82,7 +136,7 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -111,6 +165,7 @@ class AsyncEngine:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self._tokenize_pool.shutdown(wait=False)
         self.core.shutdown()
 
     # -- step thread ------------------------------------------------------------------------
@@ -134,16 +189,27 @@ class AsyncEngine:
                 if out is not None:
                     logger.debug("aborted %s", item)
 
-    def _deliver(self, out: RequestOutput) -> None:
-        if out.error is not None:
-            self._deliver_error(out.request_id, RequestFailedError(out.error))
-            return
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs over: one thread-safe callback per event loop, not per stream
+        (each callback is a wake-up write and a loop iteration on the serving side)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         with self._lock:
-            stream = self._streams.get(out.request_id)
-            if out.finished:
-                self._streams.pop(out.request_id, None)
-        if stream is not None:
-            stream.put(out)
+            for out in outputs:
+                if out.error is not None:
+                    stream = self._streams.pop(out.request_id, None)
+                    item = RequestFailedError(out.error)
+                else:
+                    stream = self._streams.get(out.request_id)
+                    if out.finished:
+                        self._streams.pop(out.request_id, None)
+                    item = out
+                if stream is not None:
+                    batches[stream.loop].append((stream.queue, item))
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that loop is closed: nobody is reading those streams
+                logger.debug("dropped %d outputs for a closed event loop", len(batch))
 
     def _deliver_error(self, request_id: str, error: BaseException) -> None:
         with self._lock:
@@ -159,8 +225,7 @@ class AsyncEngine:
                     self._wake.wait(_IDLE_WAIT_S)
                     self._wake.clear()
                     continue
-                for out in self.core.step(emit_deltas=True):
-                    self._deliver(out)
+                self._deliver_step(self.core.step(emit_deltas=True))
         except BaseException as e:  # noqa: BLE001 - the loop must report, not vanish
             logger.exception("engine step loop died")
             self._error = e

@@ -71,17 +71,18 @@ class EngineCore:
     # -- requests ---------------------------------------------------------------------------
     def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                      request_id: str | None = None, priority: int = 0,
-                     max_tokens_must_fit: bool = False) -> Request:
+                     max_tokens_must_fit: bool = False, prompt_text: str | None = None) -> Request:
         """Tokenize and validate; raises ValueError naming the field. Does not enqueue.
         `max_tokens_must_fit`: refuse a max_tokens the context cannot hold after the prompt
-        (the servers' default) instead of ending at the context with finish_reason "length"."""
+        (the servers' default) instead of ending at the context with finish_reason "length".
+        `prompt_text`: the text of token-id `prompt` when the caller tokenized it itself."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)):
-            text, token_ids = None, list(prompt)
+            text, token_ids = prompt_text, list(prompt)
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
                 raise ValueError("prompt_token_ids must be a list of ints")
             bad = [t for t in token_ids if not 0 <= t < self.vocab_size]

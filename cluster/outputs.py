@@ -57,3 +57,21 @@ class RequestOutput:
     @property
     def num_generated_tokens(self) -> int:
         return sum(len(o.token_ids) for o in self.outputs)
+
+
+def merge_deltas(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """``newer`` carrying both snapshots' deltas (for a reader that fell behind by one step or
+    more): cumulative fields are newer's, delta fields older's followed by newer's."""
+    previous = {c.index: c for c in older.outputs}
+    for c in newer.outputs:
+        old = previous.pop(c.index, None)
+        if old is None:
+            continue
+        c.delta_text = old.delta_text + c.delta_text
+        c.delta_token_ids = old.delta_token_ids + c.delta_token_ids
+        if c.delta_logprobs is not None and old.delta_logprobs is not None:
+            c.delta_logprobs = old.delta_logprobs + c.delta_logprobs
+    # a completion only the older snapshot had (beam search reshuffles) keeps its own delta
+    newer.outputs.extend(previous.values())
+    newer.outputs.sort(key=lambda c: c.index)
+    return newer

@@ -41,6 +41,41 @@ def test_deltas_concatenate_to_the_final_output(engine):
     asyncio.run(main())
 
 
+def test_a_slow_reader_gets_merged_deltas_that_still_add_up(engine):
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1)
+        text, tokens, logprobs, items, last = "", [], [], 0, None
+        async for out in engine.generate("Once upon a time", params):
+            await asyncio.sleep(0.05)  # several steps pass between two reads
+            items += 1
+            text += out.outputs[0].delta_text
+            tokens += out.outputs[0].delta_token_ids
+            logprobs += out.outputs[0].delta_logprobs
+            last = out
+        assert items < 40  # deltas were merged, not queued one message per step
+        assert tokens == last.outputs[0].token_ids and len(tokens) == 40
+        assert text == last.outputs[0].text and logprobs == last.outputs[0].logprobs
+    asyncio.run(main())
+
+
+def test_the_event_loop_tokenizes_with_its_own_tokenizer_and_long_prompts_off_the_loop(engine):
+    from raylm.cluster.async_engine import OFFLOAD_TOKENIZE_CHARS
+
+    assert engine.tokenizer is not engine.core.tokenizer  # the step thread detokenizes with its
+    long = " ".join(["the quick brown fox"] * (OFFLOAD_TOKENIZE_CHARS // 10))
+    assert len(long) > OFFLOAD_TOKENIZE_CHARS
+
+    async def main():
+        ids = await engine.encode(long)
+        assert ids == engine.core.tokenizer.encode(long)
+        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        async for out in engine.generate("Once upon a time", params):
+            last = out
+        assert last.prompt == "Once upon a time"
+        assert last.prompt_token_ids == engine.core.tokenizer.encode("Once upon a time")
+    asyncio.run(main())
+
+
 def test_concurrent_streams_all_finish(engine):
     async def one(i):
         n = 0

@@ -270,7 +270,7 @@ class LLMServer:
 
     # --- other RPCs ---------------------------------------------------------------------------
 
-    def tokenize(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def tokenize(self, request: dict[str, Any]) -> dict[str, Any]:
         try:
             if request.get("messages") is not None:
                 ids = self.render_chat(request["messages"], request.get("add_generation_prompt", True))
@@ -284,7 +284,7 @@ class LLMServer:
             return error_from_exception(exc).to_dict()
         return {"token_ids": ids, "tokens": self.tokenizer.convert_ids_to_tokens(ids)}
 
-    def detokenize(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def detokenize(self, request: dict[str, Any]) -> dict[str, Any]:
         """Text of token ids (vLLM's /detokenize); ids outside the vocabulary are an error."""
         ids = request.get("tokens")
         vocab = len(self.tokenizer)
@@ -294,7 +294,7 @@ class LLMServer:
                               f"{bad[:5] if bad else ids!r}", "tokens").to_dict()
         return {"prompt": self.tokenizer.decode(ids)}
 
-    def tokenizer_info(self) -> dict[str, Any]:
+    async def tokenizer_info(self) -> dict[str, Any]:
         """What vLLM's GET /tokenizer_info reports: special tokens, chat template, limits."""
         tok = self.tokenizer
         return {
@@ -306,7 +306,7 @@ class LLMServer:
             "vocab_size": len(tok),
         }
 
-    def model_info(self) -> dict[str, Any]:
+    async def model_info(self) -> dict[str, Any]:
         eos = self.tokenizer.eos_token_id
         return {
             "model": self.model_name,
