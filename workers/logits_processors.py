@@ -139,3 +139,28 @@ def mask_token_ids(
     mask = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
     mask.scatter_(1, ids, True)
     return logits.masked_fill(mask[:, :vocab], _NEG_INF)
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor,  # [num_rows, vocab]
+    rows: list[int],
+    bitmask: torch.Tensor,  # [len(rows), ceil(vocab / 32)] int32, on the host
+) -> torch.Tensor:
+    """Set every token a row's bitmask does not allow to -inf (structured output); rows not
+    listed are untouched. Bit t % 32 of word t // 32 allows token t; ids past the bitmask are
+    disallowed. Returns a new tensor."""
+    num_rows, vocab = logits.shape
+    device = logits.device
+    # Little-endian words: byte i of a row holds tokens 8 i .. 8 i + 7, lowest bit first.
+    packed = bitmask.contiguous().view(torch.uint8).to(device, non_blocking=True)  # [R, 4 W]
+    shifts = torch.arange(8, dtype=torch.uint8, device=device)
+    allowed = ((packed.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1).bool()  # [R, 32 W]
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    allowed = allowed[:, :vocab]  # [R, vocab]
+    if len(rows) == num_rows and rows == list(range(num_rows)):
+        return logits.masked_fill(~allowed, _NEG_INF)
+    index = torch.tensor(rows, dtype=torch.int64, device=device)
+    out = logits.clone()
+    out[index] = logits[index].masked_fill(~allowed, _NEG_INF)
+    return out
