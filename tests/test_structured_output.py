@@ -149,3 +149,18 @@ def test_apply_token_bitmask_masks_exactly_the_unset_bits():
         kept = torch.isfinite(out[r]).nonzero().flatten().tolist()
         assert kept == allowed[r]
     assert torch.equal(out[2], logits[2])
+
+
+def test_bench_structured_command(tiny_model, tmp_path):
+    """`raylm bench structured` end to end on the tiny model (figures come from the bench
+    model; this only keeps the command working)."""
+    from raylm.cluster.cli import main
+
+    out = tmp_path / "structured.json"
+    assert main(["bench", "structured", "--model", str(tiny_model("llama")), "--batch", "4",
+                 "--output-len", "4", "--repeats", "1", "--library-steps", "5",
+                 "--libraries", "llguidance", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["libraries"][0]["library"] == "llguidance"
+    runs = result["throughput"]["runs"]
+    assert runs["json schema"][0]["output_tokens"] == runs["free text"][0]["output_tokens"] == 16

@@ -150,17 +150,34 @@ def apply_token_bitmask(
     listed are untouched. Bit t % 32 of word t // 32 allows token t; ids past the bitmask are
     disallowed. Returns a new tensor."""
     num_rows, vocab = logits.shape
-    device = logits.device
-    # Little-endian words: byte i of a row holds tokens 8 i .. 8 i + 7, lowest bit first.
-    packed = bitmask.contiguous().view(torch.uint8).to(device, non_blocking=True)  # [R, 4 W]
-    shifts = torch.arange(8, dtype=torch.uint8, device=device)
-    allowed = ((packed.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1).bool()  # [R, 32 W]
-    if allowed.shape[1] < vocab:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    allowed = allowed[:, :vocab]  # [R, vocab]
+    allowed = unpack_token_bitmask(bitmask, vocab, logits.device)  # [len(rows), vocab] bool
     if len(rows) == num_rows and rows == list(range(num_rows)):
         return logits.masked_fill(~allowed, _NEG_INF)
-    index = torch.tensor(rows, dtype=torch.int64, device=device)
+    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
     out = logits.clone()
     out[index] = logits[index].masked_fill(~allowed, _NEG_INF)
     return out
+
+
+def unpack_token_bitmask(
+    bitmask: torch.Tensor,  # [num_rows, words] int32, on the host
+    vocab: int,
+    device: torch.device,
+) -> torch.Tensor:  # [num_rows, vocab] bool
+    """Packed allowed-token bits -> a boolean mask. On the host numpy's table-driven unpackbits
+    (an order of magnitude faster than shift-and-mask tensor ops there); on an accelerator the
+    packed words travel (32x smaller) and are unpacked there."""
+    num_rows, words = bitmask.shape
+    if words * 32 < vocab:  # ids past the bitmask are never allowed
+        bitmask = torch.nn.functional.pad(bitmask, (0, -(-vocab // 32) - words))
+    if device.type == "cpu":
+        import numpy as np
+
+        bits = np.unpackbits(bitmask.contiguous().numpy().view(np.uint8), axis=1, count=vocab,
+                             bitorder="little")  # [num_rows, vocab] uint8 of 0 / 1
+        return torch.from_numpy(bits).view(torch.bool)
+    # Little-endian words: byte i of a row holds tokens 8 i .. 8 i + 7, lowest bit first.
+    packed = bitmask.contiguous().view(torch.uint8).to(device, non_blocking=True)  # [R, 4 W]
+    shifts = torch.arange(8, dtype=torch.uint8, device=device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1  # [num_rows, 4 W, 8]
+    return bits.view(num_rows, -1)[:, :vocab].bool()
