@@ -274,3 +274,28 @@ def test_tool_choice_none_is_plain_text(server):
     assert r.status_code == 200, r.text
     message = r.json()["choices"][0]["message"]
     assert "tool_calls" not in message and isinstance(message["content"], str)
+
+
+def test_grpc_structured_output(server):
+    import json
+
+    import grpc
+    import jsonschema
+
+    from raylm.proto import generation_pb2 as pb
+    from serve_builders import METADATA
+
+    so = pb.StructuredOutput(json_schema=json.dumps(_SCHEMA))
+    reply = server["stub"].Generate(pb.GenerateRequest(prompt="hi", sampling=pb.SamplingOptions(
+        max_tokens=100, seed=2, structured_output=so)), metadata=METADATA, timeout=120)
+    jsonschema.validate(json.loads(reply.choices[0].text), _SCHEMA)
+    choice = pb.StructuredOutput(choice=pb.ChoiceList(choices=["left", "right"]))
+    reply = server["stub"].Generate(pb.GenerateRequest(prompt="hi", sampling=pb.SamplingOptions(
+        max_tokens=10, structured_output=choice)), metadata=METADATA, timeout=120)
+    assert reply.choices[0].text in ("left", "right")
+    with pytest.raises(grpc.RpcError) as info:
+        server["stub"].Generate(pb.GenerateRequest(prompt="hi", sampling=pb.SamplingOptions(
+            structured_output=pb.StructuredOutput(regex="(unclosed"))), metadata=METADATA,
+            timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "structured_outputs" in info.value.details()

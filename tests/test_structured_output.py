@@ -144,11 +144,15 @@ def test_apply_token_bitmask_masks_exactly_the_unset_bits():
         for t in ids:
             word = int(bitmask[r, t // 32]) | (1 << (t % 32))
             bitmask[r, t // 32] = word - (1 << 32) if word >= 1 << 31 else word
-    out = apply_token_bitmask(logits, [0, 1], bitmask)
-    for r in range(2):
-        kept = torch.isfinite(out[r]).nonzero().flatten().tolist()
-        assert kept == allowed[r]
-    assert torch.equal(out[2], logits[2])
+    # float32: the host's numpy path; bfloat16 takes the tensor path an accelerator uses
+    for x in (logits, logits.to(torch.bfloat16)):
+        out = apply_token_bitmask(x, [0, 1], bitmask)
+        for r in range(2):
+            kept = torch.isfinite(out[r]).nonzero().flatten().tolist()
+            assert kept == allowed[r]
+        assert torch.equal(out[2], x[2]) and torch.isfinite(x).all()  # input untouched
+    full = apply_token_bitmask(logits[:2], [0, 1], bitmask)
+    assert torch.isfinite(full).sum() == len(allowed[0]) + len(allowed[1])
 
 
 def test_bench_structured_command(tiny_model, tmp_path):

@@ -118,8 +118,37 @@ def measure_throughput(args: argparse.Namespace) -> dict[str, Any]:
          for k, r in runs.items() for i, v in enumerate(r)]))
     print(f"json schema / free text throughput at batch {args.batch} (best of {args.repeats}): "
           f"{ratio:.3f}x wall, {cpu_ratio:.3f}x per CPU second")
+    # What the grammar adds per step, by part (the ratio above is noisy on a shared machine).
+    fastest = best["json schema"]
+    num_steps = args.output_len  # one token per sequence per step, the first with the prefill
+    apply_ms = _apply_ms(args.batch, llm.engine.vocab_size)
+    mask_ms = min(r["mask_seconds"] for r in runs["json schema"]) * 1e3 / num_steps
+    step_ms = fastest["seconds"] * 1e3 / num_steps
+    print(f"per step at batch {args.batch}: mask fill {mask_ms:.2f} ms + mask apply "
+          f"{apply_ms:.2f} ms of a {step_ms:.1f} ms step "
+          f"({(mask_ms + apply_ms) / step_ms:.1%})")
     return {"batch": args.batch, "output_len": args.output_len, "runs": runs, "ratio": ratio,
-            "cpu_ratio": cpu_ratio}
+            "cpu_ratio": cpu_ratio, "mask_fill_ms_per_step": mask_ms,
+            "mask_apply_ms_per_step": apply_ms, "step_ms": step_ms}
+
+
+def _apply_ms(batch: int, vocab: int, repeats: int = 5) -> float:
+    """The sampler's bitmask application on [batch, vocab] logits (best of `repeats`)."""
+    import numpy as np
+    import torch
+
+    from raylm.workers.logits_processors import apply_token_bitmask
+
+    logits = torch.randn(batch, vocab)
+    words = np.random.default_rng(0).integers(-(2**31), 2**31 - 1, (batch, (vocab + 31) // 32),
+                                              dtype=np.int32)
+    bitmask, rows = torch.from_numpy(words), list(range(batch))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        apply_token_bitmask(logits, rows, bitmask)
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
 
 
 def run(args: argparse.Namespace) -> int:
