@@ -121,12 +121,7 @@ class EngineCore:
     @property
     def grammars(self) -> GrammarMatchers:
         if self._grammars is None:
-            try:
-                self._grammars = GrammarMatchers(self.tokenizer, self.vocab_size,
-                                                 self.eos_token_ids)
-            except ValueError as exc:  # llguidance reads fast (Rust) tokenizers only
-                raise ValueError(f"structured_outputs: not available for this model's "
-                                 f"tokenizer ({exc})") from None
+            self._grammars = GrammarMatchers(self.tokenizer, self.vocab_size, self.eos_token_ids)
         return self._grammars
 
     def _check_fits(self, params: SamplingParams) -> None:

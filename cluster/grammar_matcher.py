@@ -43,8 +43,12 @@ class GrammarMatchers:
         eos = sorted(eos_token_ids) or [tokenizer.eos_token_id]
         # The model's vocabulary may be larger than the tokenizer's (padding rows): those ids
         # are never allowed.
-        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
-                                                      eos_token=eos if len(eos) > 1 else eos[0])
+        try:
+            self.tokenizer = llguidance.hf.from_tokenizer(
+                tokenizer, n_vocab=vocab_size, eos_token=eos if len(eos) > 1 else eos[0])
+        except ValueError as exc:  # llguidance reads fast (Rust) tokenizers only
+            raise ValueError(f"structured_outputs: not available for this model's tokenizer "
+                             f"({exc})") from None
         self.vocab_size = vocab_size
         self.executor = llguidance.LLExecutor(num_threads=num_threads)
         self._templates: OrderedDict[str, Any] = OrderedDict()
