@@ -40,6 +40,8 @@ class StructuredOutputsParams:
                 self.json = json.loads(self.json)
             except ValueError as exc:
                 raise ValueError(f"structured_outputs.json: not valid JSON ({exc})") from None
+            if self.json is None:
+                raise ValueError("structured_outputs.json: a JSON schema must be an object")
         if self.json is not None and not isinstance(self.json, (dict, bool)):
             raise ValueError("structured_outputs.json: a JSON schema must be an object")
         if self.json_object not in (None, True):

@@ -97,6 +97,7 @@ def test_greedy_structured_output_is_deterministic(llm):
     ({"json": {"type": "no-such-type"}}, "structured_outputs"),
     ({"regex": "[a-"}, "structured_outputs"),
     ({"json": "{not json"}, "structured_outputs"),
+    ({"json": "null"}, "structured_outputs"),
     ({"regex": "a", "choice": ["b"]}, "structured_outputs"),
     ({"choice": []}, "structured_outputs"),
     ({"schema": {}}, "structured_outputs"),
