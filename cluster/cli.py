@@ -1,4 +1,4 @@
-"""The `raylm` command line: make-model, generate, serve, bench {throughput,latency,serve,kernels}."""
+"""The `raylm` command line: make-model, generate, serve, bench {throughput,latency,serve,kernels,structured,...}."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,8 @@ _BENCH = {
     "kernels": ("raylm.cluster.bench.kernels", "Triton kernel roofline (GPU only)"),
     "dispatch": ("raylm.cluster.bench.dispatch", "per-step control overhead of the Ray executor"),
     "scale-up": ("raylm.cluster.bench.scale_up", "time from overload to a second replica serving"),
+    "structured": ("raylm.cluster.bench.structured",
+                   "structured output: grammar libraries' mask cost, JSON-schema throughput"),
 }
 _SERVE = ("raylm.cluster.serve.serve_cli", "serve a model over gRPC and OpenAI HTTP with Ray Serve")
 

@@ -12,6 +12,7 @@ from raylm.cluster.config import EngineConfig
 from raylm.cluster.errors import QueueFullError
 from raylm.cluster.decoding import Logprobs, make_decoder
 from raylm.cluster.executor import make_executor
+from raylm.cluster.grammar_matcher import GrammarMatchers
 from raylm.cluster.input_builder import SampleGroup, build_model_input, prompt_hidden_spans
 from raylm.cluster.kv_cache_manager import KVCacheManager
 from raylm.cluster.output_builder import make_request_output
@@ -57,6 +58,7 @@ class EngineCore:
                                       self.tokenizer)
             self.speculator = Speculator(config.speculative, self.max_model_len, draft)
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.executor.model_path)
+        self._grammars: GrammarMatchers | None = None  # built by the first structured request
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
@@ -110,10 +112,18 @@ class EngineCore:
         request = Request(request_id, text, token_ids, params, priority=priority,
                           eos_token_ids=self.eos_token_ids)
         request.decoder = make_decoder(request)
+        if params.structured_outputs is not None:
+            request.seqs[0].grammar = self.grammars.new_matcher(params.structured_outputs)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
             request.cache_salt = request_id  # cached positions would have no logits
         return request
+
+    @property
+    def grammars(self) -> GrammarMatchers:
+        if self._grammars is None:
+            self._grammars = GrammarMatchers(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._grammars
 
     def _check_fits(self, params: SamplingParams) -> None:
         """What SamplingParams cannot know: the vocabulary and this engine's batch size."""
@@ -186,6 +196,10 @@ class EngineCore:
             # drafts is still lossless (only less accepting).
             draft_probs = None
         inp.spec_draft_probs = draft_probs
+        if self._grammars is not None:
+            mask = self._grammars.step_bitmask(groups)
+            if mask is not None:
+                inp.sampling.grammar_rows, inp.sampling.grammar_bitmask = mask
         out = self.executor.execute(inp)
         if self.speculator is not None:
             self.speculator.observe_step(inp.num_tokens, time.perf_counter() - step_start)
@@ -326,7 +340,13 @@ class EngineCore:
             ids, values = logprobs
             seq.cumulative_logprob += values[0]
             seq.output_logprobs.append(dict(zip(ids, values)))
+        grammar_done = seq.grammar is not None and GrammarMatchers.advance(seq.grammar, token)
         finish = self.stop_checker.check(seq, token)
+        if grammar_done and (finish is None or finish[0] == "length"):
+            # Complete: only EOS could follow, so end now (one step sooner) as if it came.
+            if finish is None:
+                seq.detokenizer.flush()
+            finish = ("stop", None)
         if finish is not None:
             self.scheduler.finish(seq, *finish)
             return True
@@ -338,6 +358,8 @@ class EngineCore:
         child.output_logprobs = list(seq.output_logprobs)
         child.num_cached_tokens = seq.num_cached_tokens
         child.detokenizer = seq.detokenizer.clone()
+        if seq.grammar is not None:
+            child.grammar = GrammarMatchers.fork(seq.grammar)
         self.kv.fork(seq, child)
         seq.request.seqs.append(child)
         self.scheduler.add_running(child)
@@ -363,6 +385,7 @@ class EngineCore:
             "num_aborted": self.num_aborted,
             "num_failed": self.num_failed,
             **self.executor.get_stats(),
+            **(self._grammars.get_stats() if self._grammars is not None else {}),
             **(self.speculator.get_stats() if self.speculator is not None else {}),
         }
 

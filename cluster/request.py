@@ -45,6 +45,8 @@ class Sequence:
         self.spec_token_ids: list[int] = []
         self.draft_num_computed = 0  # leading tokens whose KV the draft model's pool holds
         self.detokenizer: Any = None  # IncrementalDetokenizer, set by the engine
+        # Structured output: the grammar matcher (llguidance), advanced with every token.
+        self.grammar: Any = None
         # Streaming cursors: what the previous RequestOutput already carried.
         self.num_emitted_tokens = 0
         self.num_emitted_chars = 0

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from raylm.cluster.structured_outputs import StructuredOutputsParams
+
 MAX_LOGPROBS = 20  # the OpenAI API's limit on top-N logprobs per token
 # Bounds that keep one request from exhausting a replica's memory or CPU. The engine also caps
 # n and num_beams by its max_num_seqs (EngineCore.make_request): every sequence runs at once.
@@ -62,6 +64,12 @@ class SamplingParams:
     logprob plus the top-N of the model's raw distribution per generated token
     (`prompt_logprobs=N` likewise per prompt token).
 
+    `structured_outputs` (a `StructuredOutputsParams` or its dict form: one of json,
+    json_object, regex, choice, grammar) constrains the output while sampling: every token the
+    grammar disallows is masked, and EOS is allowed only where the grammar may end. It needs
+    plain sampling (not beam or contrastive search), and neither `ignore_eos` nor `min_tokens`
+    (both would fight the grammar over where the output ends).
+
     After construction `stop` and `stop_token_ids` are always lists and `top_k == -1` reads 0.
     """
 
@@ -87,6 +95,7 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     penalty_alpha: float = 0.0
+    structured_outputs: StructuredOutputsParams | dict | None = None
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -95,6 +104,7 @@ class SamplingParams:
         self._check_stops()
         self._check_logprobs()
         self._check_search()
+        self._check_structured()
 
     # --- validation -------------------------------------------------------------------------
 
@@ -244,6 +254,19 @@ class SamplingParams:
                 if getattr(self, name) != off:
                     raise ValueError(f"{name} is not supported with {mode}, "
                                      f"got {getattr(self, name)}")
+
+    def _check_structured(self) -> None:
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
+        if self.structured_outputs is None:
+            return
+        conflicts = (("num_beams", self.num_beams > 1, "beam search"),
+                     ("penalty_alpha", self.penalty_alpha > 0.0, "contrastive search"),
+                     ("ignore_eos", self.ignore_eos, "ignore_eos"),
+                     ("min_tokens", self.min_tokens > 0, "min_tokens"))
+        for name, conflict, what in conflicts:
+            if conflict:
+                raise ValueError(f"{name}: {what} cannot be combined with structured_outputs "
+                                 f"(the grammar decides where the output ends)")
 
     # --- derived views ----------------------------------------------------------------------
 

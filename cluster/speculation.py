@@ -67,7 +67,9 @@ class Speculator:
         return (seq.status is SeqStatus.RUNNING
                 and seq.num_computed_tokens == seq.num_tokens - 1  # decoding, not prefilling
                 and isinstance(decoder, SamplingDecoder) and decoder.forked
-                and request.params.logprobs is None)
+                and request.params.logprobs is None
+                # a grammar's mask covers one position per step: no drafts to verify
+                and seq.grammar is None)
 
     def propose(self, running: list[Sequence], num_base_tokens: int) -> None:
         """Set each eligible sequence's proposals for this step (others get none).

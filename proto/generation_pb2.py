@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19raylm/v1/generation.proto\x12\x08raylm.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"u\n\x0c\x43hatMessages\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.raylm.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xe7\x05\n\x0fSamplingOptions\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\rH\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\rH\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\x15\n\x08logprobs\x18\x11 \x01(\rH\x0e\x88\x01\x01\x12 \n\x13truncate_max_tokens\x18\x12 \x01(\x08H\x0f\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x1d\n\x1b_include_stop_str_in_outputB\x16\n\x14_skip_special_tokensB\x0b\n\t_logprobsB\x16\n\x14_truncate_max_tokens\"\xcd\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x12.raylm.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x16.raylm.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.raylm.v1.SamplingOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\tB\x07\n\x05input\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"_\n\x10PositionLogprobs\x12&\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x16.raylm.v1.TokenLogprob\x12#\n\x03top\x18\x02 \x03(\x0b\x32\x16.raylm.v1.TokenLogprob\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\"}\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.raylm.v1.PositionLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\"x\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12!\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x10.raylm.v1.Choice\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.raylm.v1.Usage\"\x81\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x10.raylm.v1.Choice\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.raylm.v1.Usage\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\"\x8a\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x16.raylm.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"v\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x04 \x01(\r\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x32\xa7\x02\n\nGeneration\x12\x41\n\x08Generate\x12\x19.raylm.v1.GenerateRequest\x1a\x1a.raylm.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x19.raylm.v1.GenerateRequest\x1a .raylm.v1.GenerateStreamResponse0\x01\x12\x41\n\x08Tokenize\x12\x19.raylm.v1.TokenizeRequest\x1a\x1a.raylm.v1.TokenizeResponse\x12\x42\n\x0cGetModelInfo\x12\x1d.raylm.v1.GetModelInfoRequest\x1a\x13.raylm.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19raylm/v1/generation.proto\x12\x08raylm.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"u\n\x0c\x43hatMessages\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.raylm.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9e\x06\n\x0fSamplingOptions\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\rH\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\rH\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\x15\n\x08logprobs\x18\x11 \x01(\rH\x0e\x88\x01\x01\x12 \n\x13truncate_max_tokens\x18\x12 \x01(\x08H\x0f\x88\x01\x01\x12\x35\n\x11structured_output\x18\x13 \x01(\x0b\x32\x1a.raylm.v1.StructuredOutputB\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x1d\n\x1b_include_stop_str_in_outputB\x16\n\x14_skip_special_tokensB\x0b\n\t_logprobsB\x16\n\x14_truncate_max_tokens\"\x94\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x14.raylm.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xcd\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x12.raylm.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x16.raylm.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.raylm.v1.SamplingOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\tB\x07\n\x05input\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"_\n\x10PositionLogprobs\x12&\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x16.raylm.v1.TokenLogprob\x12#\n\x03top\x18\x02 \x03(\x0b\x32\x16.raylm.v1.TokenLogprob\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\"}\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.raylm.v1.PositionLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\"x\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12!\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x10.raylm.v1.Choice\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.raylm.v1.Usage\"\x81\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x10.raylm.v1.Choice\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.raylm.v1.Usage\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\"\x8a\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x16.raylm.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"v\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x04 \x01(\r\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x32\xa7\x02\n\nGeneration\x12\x41\n\x08Generate\x12\x19.raylm.v1.GenerateRequest\x1a\x1a.raylm.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x19.raylm.v1.GenerateRequest\x1a .raylm.v1.GenerateStreamResponse0\x01\x12\x41\n\x08Tokenize\x12\x19.raylm.v1.TokenizeRequest\x1a\x1a.raylm.v1.TokenizeResponse\x12\x42\n\x0cGetModelInfo\x12\x1d.raylm.v1.GetModelInfoRequest\x1a\x13.raylm.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,29 +38,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=204
   _globals['_TOKENIDS']._serialized_end=227
   _globals['_SAMPLINGOPTIONS']._serialized_start=230
-  _globals['_SAMPLINGOPTIONS']._serialized_end=973
-  _globals['_GENERATEREQUEST']._serialized_start=976
-  _globals['_GENERATEREQUEST']._serialized_end=1181
-  _globals['_TOKENLOGPROB']._serialized_start=1183
-  _globals['_TOKENLOGPROB']._serialized_end=1247
-  _globals['_POSITIONLOGPROBS']._serialized_start=1249
-  _globals['_POSITIONLOGPROBS']._serialized_end=1344
-  _globals['_USAGE']._serialized_start=1346
-  _globals['_USAGE']._serialized_end=1455
-  _globals['_CHOICE']._serialized_start=1457
-  _globals['_CHOICE']._serialized_end=1582
-  _globals['_GENERATERESPONSE']._serialized_start=1584
-  _globals['_GENERATERESPONSE']._serialized_end=1704
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1707
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1836
-  _globals['_TOKENIZEREQUEST']._serialized_start=1839
-  _globals['_TOKENIZEREQUEST']._serialized_end=1977
-  _globals['_TOKENIZERESPONSE']._serialized_start=1979
-  _globals['_TOKENIZERESPONSE']._serialized_end=2032
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2034
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2055
-  _globals['_MODELINFO']._serialized_start=2057
-  _globals['_MODELINFO']._serialized_end=2175
-  _globals['_GENERATION']._serialized_start=2178
-  _globals['_GENERATION']._serialized_end=2473
+  _globals['_SAMPLINGOPTIONS']._serialized_end=1028
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1031
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1179
+  _globals['_CHOICELIST']._serialized_start=1181
+  _globals['_CHOICELIST']._serialized_end=1210
+  _globals['_GENERATEREQUEST']._serialized_start=1213
+  _globals['_GENERATEREQUEST']._serialized_end=1418
+  _globals['_TOKENLOGPROB']._serialized_start=1420
+  _globals['_TOKENLOGPROB']._serialized_end=1484
+  _globals['_POSITIONLOGPROBS']._serialized_start=1486
+  _globals['_POSITIONLOGPROBS']._serialized_end=1581
+  _globals['_USAGE']._serialized_start=1583
+  _globals['_USAGE']._serialized_end=1692
+  _globals['_CHOICE']._serialized_start=1694
+  _globals['_CHOICE']._serialized_end=1819
+  _globals['_GENERATERESPONSE']._serialized_start=1821
+  _globals['_GENERATERESPONSE']._serialized_end=1941
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1944
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2073
+  _globals['_TOKENIZEREQUEST']._serialized_start=2076
+  _globals['_TOKENIZEREQUEST']._serialized_end=2214
+  _globals['_TOKENIZERESPONSE']._serialized_start=2216
+  _globals['_TOKENIZERESPONSE']._serialized_end=2269
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2271
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2292
+  _globals['_MODELINFO']._serialized_start=2294
+  _globals['_MODELINFO']._serialized_end=2412
+  _globals['_GENERATION']._serialized_start=2415
+  _globals['_GENERATION']._serialized_end=2710
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,6 @@
 """OpenAI surface as real clients use it (issue 10): lm-eval's loglikelihood requests (echo +
 logprobs, max_tokens 0 or 1, token-id and string prompts, batched), vLLM's prompt_logprobs,
-unsupported fields refused by name, the served model name, max_tokens that cannot fit."""
+unsupported or invalid fields refused by name, the served model name, max_tokens that cannot fit."""
 from __future__ import annotations
 
 import pathlib
@@ -113,10 +113,9 @@ def test_vllm_prompt_logprobs_on_both_routes(server):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("response_format", {"type": "json_object"}),
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("tool_choice", "auto"), ("logit_bias", {"5": 1.0}), ("guided_regex", "a+"),
-    ("suffix", "end"), ("no_such_field", 1),
+    ("response_format", {"type": "xml"}), ("guided_regex", "[a"),
+    ("guided_json", {"type": "no-such-type"}), ("functions", [{"name": "f"}]),
+    ("logit_bias", {"5": 1.0}), ("suffix", "end"), ("no_such_field", 1),
 ])
 def test_unsupported_fields_are_400_naming_them(server, field, value):
     for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
@@ -188,3 +187,115 @@ def test_grpc_max_tokens_that_cannot_fit(server):
         max_tokens=100000, ignore_eos=True, truncate_max_tokens=True)), metadata=METADATA,
         timeout=120)
     assert reply.usage.completion_tokens == CONTEXT - 3
+
+
+# --- structured output (the grammar itself is tested at the engine: test_structured_output.py)
+_SCHEMA = {"type": "object", "properties": {
+    "city": {"enum": ["Oslo", "Lima"]}, "days": {"type": "integer", "minimum": 1, "maximum": 9},
+    "note": {"type": "string", "maxLength": 6}},
+    "required": ["city", "days", "note"], "additionalProperties": False}
+_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": _SCHEMA}},
+          {"type": "function", "function": {"name": "ping"}}]
+
+
+def test_openai_client_structured_output_and_tool_calls(server):
+    """The official client: response_format json_schema and json_object, guided_choice,
+    tools with a named function and "required" (also streamed)."""
+    import json
+
+    import jsonschema
+    import openai
+
+    client = openai.OpenAI(base_url=server["http"] + "/v1", api_key="none")
+    messages = [{"role": "user", "content": "weather?"}]
+    chat = client.chat.completions.create(
+        model=NAME, messages=messages, temperature=1.0, seed=3, max_tokens=100, n=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": _SCHEMA,
+                                                                "strict": True}})
+    for choice in chat.choices:
+        jsonschema.validate(json.loads(choice.message.content), _SCHEMA)
+    done = client.completions.create(model=NAME, prompt="pick", max_tokens=10, temperature=1.0,
+                                     extra_body={"guided_choice": ["yes", "no"]})
+    assert done.choices[0].text in ("yes", "no")
+
+    named = client.chat.completions.create(
+        model=NAME, messages=messages, temperature=1.0, seed=1, max_tokens=100, tools=_TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call,) = named.choices[0].message.tool_calls
+    assert named.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), _SCHEMA)
+    for seed in range(4):
+        required = client.chat.completions.create(
+            model=NAME, messages=messages, temperature=1.0, seed=seed, max_tokens=100,
+            tools=_TOOLS, tool_choice="required")
+        (call,) = required.choices[0].message.tool_calls
+        assert call.function.name in ("get_weather", "ping")
+        args = json.loads(call.function.arguments)
+        if call.function.name == "ping":
+            assert args == {}
+        else:
+            jsonschema.validate(args, _SCHEMA)
+
+    stream = client.chat.completions.create(
+        model=NAME, messages=messages, temperature=1.0, seed=1, max_tokens=100, tools=_TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, stream=True)
+    chunks = list(stream)
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.arguments == call_arguments(named)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def call_arguments(response) -> str:
+    return response.choices[0].message.tool_calls[0].function.arguments
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"tools": _TOOLS}, "tool_choice"),  # auto by default: no tool parser
+    ({"tools": _TOOLS, "tool_choice": "auto"}, "tool_choice"),
+    ({"tools": _TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/no"}}}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
+    ({"structured_outputs": {"regex": "("}}, "structured_outputs"),
+])
+def test_structured_output_errors_name_the_field(server, extra, param):
+    r = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                               "max_tokens": 4, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_tool_choice_none_is_plain_text(server):
+    r = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                               "max_tokens": 4, "tools": _TOOLS,
+                                               "tool_choice": "none", "temperature": 0})
+    assert r.status_code == 200, r.text
+    message = r.json()["choices"][0]["message"]
+    assert "tool_calls" not in message and isinstance(message["content"], str)
+
+
+def test_grpc_structured_output(server):
+    import json
+
+    import grpc
+    import jsonschema
+
+    from raylm.proto import generation_pb2 as pb
+    from serve_builders import METADATA
+
+    so = pb.StructuredOutput(json_schema=json.dumps(_SCHEMA))
+    reply = server["stub"].Generate(pb.GenerateRequest(prompt="hi", sampling=pb.SamplingOptions(
+        max_tokens=100, seed=2, structured_output=so)), metadata=METADATA, timeout=120)
+    jsonschema.validate(json.loads(reply.choices[0].text), _SCHEMA)
+    choice = pb.StructuredOutput(choice=pb.ChoiceList(choices=["left", "right"]))
+    reply = server["stub"].Generate(pb.GenerateRequest(prompt="hi", sampling=pb.SamplingOptions(
+        max_tokens=10, structured_output=choice)), metadata=METADATA, timeout=120)
+    assert reply.choices[0].text in ("left", "right")
+    with pytest.raises(grpc.RpcError) as info:
+        server["stub"].Generate(pb.GenerateRequest(prompt="hi", sampling=pb.SamplingOptions(
+            structured_output=pb.StructuredOutput(regex="(unclosed"))), metadata=METADATA,
+            timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "structured_outputs" in info.value.details()

@@ -139,3 +139,47 @@ def mask_token_ids(
     mask = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
     mask.scatter_(1, ids, True)
     return logits.masked_fill(mask[:, :vocab], _NEG_INF)
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor,  # [num_rows, vocab]
+    rows: list[int],
+    bitmask: torch.Tensor,  # [len(rows), ceil(vocab / 32)] int32, on the host
+) -> torch.Tensor:
+    """Set every token a row's bitmask does not allow to -inf (structured output); rows not
+    listed are untouched. Bit t % 32 of word t // 32 allows token t; ids past the bitmask are
+    disallowed. Returns a new tensor.
+
+    On the host numpy does it (table-driven unpackbits, a lookup and an add: several times
+    faster than the tensor ops there); on an accelerator the packed words travel (32x smaller than a
+    boolean mask) and are unpacked there."""
+    num_rows, vocab = logits.shape
+    words = bitmask.shape[1]
+    if words * 32 < vocab:  # ids past the bitmask are never allowed
+        bitmask = torch.nn.functional.pad(bitmask, (0, -(-vocab // 32) - words))
+    every_row = len(rows) == num_rows and rows == list(range(num_rows))
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        import numpy as np
+
+        bits = np.unpackbits(bitmask.contiguous().numpy().view(np.uint8), axis=1, count=vocab,
+                             bitorder="little")  # [len(rows), vocab] uint8 of 0 / 1
+        # 0 where allowed, -inf where not: a table lookup and an add (a masked copy is
+        # several times slower).
+        bias = np.take(np.array([-np.inf, 0.0], dtype=np.float32), bits)  # [len(rows), vocab]
+        if every_row:
+            return torch.from_numpy(np.add(logits.numpy(), bias))
+        out = logits.clone()
+        view = out.numpy()  # shares out's memory
+        view[rows] = view[rows] + bias
+        return out
+    # Little-endian words: byte i of a row holds tokens 8 i .. 8 i + 7, lowest bit first.
+    packed = bitmask.contiguous().view(torch.uint8).to(logits.device, non_blocking=True)
+    shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1  # [len(rows), 4 W, 8]
+    allowed = bits.view(len(rows), -1)[:, :vocab].bool()  # [len(rows), vocab]
+    if every_row:
+        return logits.masked_fill(~allowed, _NEG_INF)
+    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+    out = logits.clone()
+    out[index] = logits[index].masked_fill(~allowed, _NEG_INF)
+    return out

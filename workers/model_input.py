@@ -26,6 +26,10 @@ class SamplingMetadata:
     output_token_ids: list[list[int]] | None = None
     # Per row, token ids masked out before sampling (EOS / stop ids before min_tokens), or None.
     banned_token_ids: list[list[int]] | None = None
+    # Structured output: rows whose tokens a grammar restricts, and their allowed tokens
+    # (np.ndarray [len(grammar_rows), ceil(vocab / 32)] int32; bit t % 32 of word t // 32).
+    grammar_rows: list[int] | None = None
+    grammar_bitmask: object | None = None
 
     @property
     def num_rows(self) -> int:

@@ -18,6 +18,7 @@ import torch
 
 from .logits_processors import (
     apply_penalties,
+    apply_token_bitmask,
     apply_temperature,
     apply_top_k_top_p_min_p,
     compute_logprobs,
@@ -88,6 +89,10 @@ class Sampler:
                               banned_token_ids: list[list[int]] | None) -> torch.Tensor:
         if banned_token_ids is not None and any(banned_token_ids):
             logits = mask_token_ids(logits, banned_token_ids)
+        if meta.grammar_rows:
+            # Before penalties: a penalty must never revive a token the grammar forbids.
+            logits = apply_token_bitmask(logits, meta.grammar_rows,
+                                         torch.from_numpy(meta.grammar_bitmask))
         if meta.needs_penalties:
             logits = self._penalize(logits, meta)
         return logits

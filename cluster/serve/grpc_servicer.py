@@ -32,7 +32,23 @@ def sampling_fields(options: pb.SamplingOptions) -> dict[str, Any]:
         fields["stop"] = list(options.stop)
     if options.stop_token_ids:
         fields["stop_token_ids"] = list(options.stop_token_ids)
+    if options.HasField("structured_output"):
+        fields["structured_outputs"] = _structured_output(options.structured_output)
     return fields
+
+
+def _structured_output(so: pb.StructuredOutput) -> dict[str, Any]:
+    """SamplingParams.structured_outputs' dict form; the engine validates it (INVALID_ARGUMENT
+    naming structured_outputs when the schema / regex / grammar is bad)."""
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise ServeError("invalid_argument", "structured_output: set one of json_schema, "
+                         "json_object, regex, choice or grammar", "structured_output")
+    if kind == "json_schema":
+        return {"json": so.json_schema}
+    if kind == "choice":
+        return {"choice": list(so.choice.choices)}
+    return {kind: getattr(so, kind)}
 
 
 def generate_request(request: pb.GenerateRequest) -> dict[str, Any]:

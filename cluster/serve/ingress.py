@@ -245,10 +245,11 @@ class Ingress:
         if body.stream:
             return StreamingResponse(
                 openai_routes.chat_stream(first, rest, model, body.include_usage,
-                                          body.continuous_usage),
+                                          body.continuous_usage, body.tool_call_mode),
                 media_type="text/event-stream")
         try:
-            return JSONResponse(await openai_routes.chat_response(first, rest, model))
+            return JSONResponse(await openai_routes.chat_response(first, rest, model,
+                                                                  body.tool_call_mode))
         finally:
             await rest.aclose()
 

@@ -10,6 +10,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 from raylm.cluster.serve.errors import ServeError, error_from_exception
+from raylm.cluster.serve.structured_request import ToolCallMode
 
 ItemStream = AsyncIterator[dict[str, Any]]
 
@@ -176,9 +177,10 @@ def completion_stream(starts: list[tuple[dict, ItemStream]], n: int, model: str,
 
 
 def chat_stream(first: dict, rest: ItemStream, model: str, include_usage: bool,
-                continuous_usage: bool = False) -> AsyncIterator[str]:
-    return _ending_with_error(_chat_chunks(first, rest, model, include_usage, continuous_usage),
-                              [rest])
+                continuous_usage: bool = False, tool_mode: ToolCallMode | None = None
+                ) -> AsyncIterator[str]:
+    return _ending_with_error(_chat_chunks(first, rest, model, include_usage, continuous_usage,
+                                           tool_mode), [rest])
 
 
 async def _completion_chunks(starts: list[tuple[dict, ItemStream]], n: int, model: str,
@@ -211,13 +213,37 @@ async def _completion_chunks(starts: list[tuple[dict, ItemStream]], n: int, mode
     yield SSE_DONE
 
 
-async def chat_response(first: dict, rest: ItemStream, model: str) -> dict:
+def tool_call(text: str, mode: ToolCallMode) -> dict[str, Any]:
+    """A complete constrained output as one OpenAI tool call (named function: the text is
+    its arguments; "required": the text is {"name": ..., "arguments": {...}})."""
+    if mode.function is not None:
+        name, arguments = mode.function, text
+    else:
+        call = json.loads(text)
+        name, arguments = call["name"], json.dumps(call["arguments"], ensure_ascii=False)
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def _chat_message(text: str, finish_reason: str | None, mode: ToolCallMode | None
+                  ) -> tuple[dict[str, Any], str | None]:
+    """(message, finish_reason); an output cut short (length, abort) stays plain text."""
+    if mode is None or finish_reason != "stop":
+        return {"role": "assistant", "content": text}, finish_reason
+    return ({"role": "assistant", "content": None, "tool_calls": [tool_call(text, mode)]},
+            "tool_calls")
+
+
+async def chat_response(first: dict, rest: ItemStream, model: str,
+                        tool_mode: ToolCallMode | None = None) -> dict:
     acc = _Accumulator()
     async for item in _items(first, rest):
         acc.add(item, 0)
-    choices = [{"index": i, "message": {"role": "assistant", "content": c["text"]},
-                "logprobs": chat_logprobs(c["logprobs"]), "finish_reason": c["finish_reason"]}
-               for i, c in sorted(acc.choices.items())]
+    choices = []
+    for i, c in sorted(acc.choices.items()):
+        message, finish_reason = _chat_message(c["text"], c["finish_reason"], tool_mode)
+        choices.append({"index": i, "message": message,
+                        "logprobs": chat_logprobs(c["logprobs"]), "finish_reason": finish_reason})
     body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
             "created": int(time.time()), "model": model, "choices": choices,
             "usage": _usage(acc.prompt_tokens, acc.completion_tokens, acc.cached_tokens)}
@@ -227,7 +253,10 @@ async def chat_response(first: dict, rest: ItemStream, model: str) -> dict:
 
 
 async def _chat_chunks(first: dict, rest: ItemStream, model: str, include_usage: bool,
-                       continuous_usage: bool) -> AsyncIterator[str]:
+                       continuous_usage: bool, tool_mode: ToolCallMode | None
+                       ) -> AsyncIterator[str]:
+    """With `tool_mode` a choice's text is held back until it is complete, then sent as one
+    tool_calls delta (its name and whole arguments) with finish_reason "tool_calls"."""
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(choices: list[dict], **extra: Any) -> str:
@@ -235,6 +264,7 @@ async def _chat_chunks(first: dict, rest: ItemStream, model: str, include_usage:
                      "model": model, "choices": choices, **extra})
 
     opened: set[int] = set()
+    held: dict[int, str] = {}  # tool mode: each choice's text so far
     last, completion_tokens = first, 0
     async for item in _items(first, rest):
         last = item
@@ -244,12 +274,22 @@ async def _chat_chunks(first: dict, rest: ItemStream, model: str, include_usage:
                 yield chunk([{"index": c["index"], "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}])
             completion_tokens += len(c["token_ids"])
-            delta = {"content": c["text"]} if c["text"] or c["finish_reason"] is None else {}
+            finish_reason = c["finish_reason"]
+            delta = {"content": c["text"]} if c["text"] or finish_reason is None else {}
+            if tool_mode is not None:
+                held[c["index"]] = held.get(c["index"], "") + c["text"]
+                if finish_reason is None:
+                    continue
+                if finish_reason == "stop":
+                    call = {"index": 0, **tool_call(held[c["index"]], tool_mode)}
+                    delta, finish_reason = {"tool_calls": [call]}, "tool_calls"
+                else:
+                    delta = {"content": held[c["index"]]}
             usage = ({"usage": _usage(item["prompt_tokens"], completion_tokens,
                                       item.get("cached_tokens", 0))} if continuous_usage else {})
             yield chunk([{"index": c["index"], "delta": delta,
                           "logprobs": chat_logprobs(c["logprobs"]),
-                          "finish_reason": c["finish_reason"]}], **usage)
+                          "finish_reason": finish_reason}], **usage)
     if include_usage:
         yield chunk([], usage=_usage(last["prompt_tokens"], completion_tokens,
                                      last.get("cached_tokens", 0)))

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from raylm.cluster.serve.errors import ServeError
+from raylm.cluster.serve.structured_request import ToolCallMode, structured_outputs
 
 
 def _check_unicode(value: Any) -> None:
@@ -50,9 +51,7 @@ _SAMPLING_FIELDS = (
 
 # OpenAI / vLLM fields a client may rely on that raylm does not implement: a 400 naming the
 # field, never a silent 200 that ignored it (unknown fields are refused too: extra="forbid").
-_UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call",
-                "parallel_tool_calls", "logit_bias", "guided_json", "guided_regex",
-                "guided_choice", "guided_grammar", "structured_outputs", "suffix")
+_UNSUPPORTED = ("functions", "function_call", "logit_bias", "suffix")
 
 
 class StreamOptions(_Strict):
@@ -72,19 +71,20 @@ class _SamplingBody(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # refused when set (see _UNSUPPORTED)
+    # structured output (structured_request.py)
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    parallel_tool_calls: Any = None
-    logit_bias: Any = None
+    parallel_tool_calls: Any = None  # one call is made: true ("may") and false both hold
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
+    # refused when set (see _UNSUPPORTED)
+    functions: Any = None
+    function_call: Any = None
+    logit_bias: Any = None
     suffix: Any = None
     # raylm extras
     top_k: int | None = None
@@ -98,6 +98,7 @@ class _SamplingBody(_Strict):
     prompt_logprobs: int | None = None  # vLLM's extra: top-N per prompt token
     # generate until the context is full instead of refusing a max_tokens that cannot fit
     truncate_max_tokens: bool = False
+    _tool_call_mode: ToolCallMode | None = PrivateAttr(default=None)
 
     def _sampling(self) -> dict[str, Any]:
         for name in _UNSUPPORTED:
@@ -106,7 +107,15 @@ class _SamplingBody(_Strict):
                                  name)
         fields = {name: getattr(self, name) for name in _SAMPLING_FIELDS}
         fields["stop"] = self.stop
+        fields["structured_outputs"], self._tool_call_mode = structured_outputs(
+            self, chat=isinstance(self, ChatCompletionRequest))
         return {k: v for k, v in fields.items() if v is not None}
+
+    @property
+    def tool_call_mode(self) -> ToolCallMode | None:
+        """Set (after to_request) when the output is a tool call: chat with tool_choice
+        "required" or a named function."""
+        return self._tool_call_mode
 
     @property
     def include_usage(self) -> bool:
