@@ -110,14 +110,20 @@ def test_cli_end_to_end(weak_pair, tmp_path, capsys):
                "--regen-every", "3", "--num-rollouts", "4", "--num-eval-prompts", "4",
                "--max-new-tokens", "8", "--eval-max-tokens", "8", "--loss", "jsd",
                "--data-policy", "target", "--grad-accum", "2", "--batch-size", "2",
-               "--save-every", "3", "--no-progress"])
+               "--save-every", "3", "--freeze-embeddings", "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "acceptance rate" in text and "mean acceptance length" in text
     for name in ("config.json", "model.safetensors", "tokenizer.json", "distill_log.json",
                  "distill_curve.png", "checkpoints/step-3/model.safetensors"):
         assert (out / name).is_file(), name
-    assert AutoModelForCausalLM.from_pretrained(str(out)).config.num_hidden_layers == 1
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    reference = AutoModelForCausalLM.from_pretrained(target)
+    assert model.config.num_hidden_layers == 1
+    # Frozen: the head is still the target's; the layer it kept has trained.
+    assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.weight,
+                           reference.model.layers[0].mlp.down_proj.weight)
     AutoTokenizer.from_pretrained(str(out))
     out_ids = LLM(str(out), dtype="float32").generate([[5, 6, 7]], SamplingParams(max_tokens=4))
     assert len(out_ids[0].outputs[0].token_ids) == 4

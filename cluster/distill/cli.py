@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=t.grad_accum)
     p.add_argument("--weight-decay", type=float, default=t.weight_decay)
     p.add_argument("--max-grad-norm", type=float, default=t.max_grad_norm)
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="train only the layers and norms (embedding and LM head kept)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -54,7 +56,8 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
                         lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                         warmup_steps=args.warmup_steps, batch_size=args.batch_size,
                         grad_accum=args.grad_accum, weight_decay=args.weight_decay,
-                        max_grad_norm=args.max_grad_norm)
+                        max_grad_norm=args.max_grad_norm,
+                        freeze_embeddings=args.freeze_embeddings)
     return DistillConfig(
         target=args.target, out=args.out, draft_init=args.draft_init,
         draft_layers=args.draft_layers, prompts=args.prompts, data_policy=args.data_policy,

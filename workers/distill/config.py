@@ -22,6 +22,10 @@ class TrainConfig:
     grad_accum: int = 1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    # Keep the token embedding and LM head as initialised (from the target with --draft-layers):
+    # the draft then learns only its layers and norms, which also skips the head's weight
+    # gradient, the largest matmul of a small draft's backward.
+    freeze_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:

@@ -26,6 +26,10 @@ class ScoredBuffer:
         return torch.randint(len(self.samples), (num,), generator=generator).tolist()
 
 
+def params_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def lr_factor(config: TrainConfig, step: int) -> float:
     """Multiplier of ``config.lr`` at optimizer step ``step`` (0-based)."""
     if step < config.warmup_steps:
@@ -44,8 +48,12 @@ class DistillTrainer:
         self.pad_id = pad_id
         self.device = next(draft.parameters()).device
         self.loss_fn = get_loss(config.loss)
-        decay = [p for n, p in draft.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in draft.named_parameters() if p.ndim < 2]  # norms and biases
+        if config.freeze_embeddings:
+            draft.get_input_embeddings().requires_grad_(False)
+            draft.get_output_embeddings().requires_grad_(False)
+        params = [p for p in draft.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]  # norms and biases
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
@@ -79,7 +87,7 @@ class DistillTrainer:
             loss = self.loss_fn(target, draft, cfg.temperature) * (batch.num_positions / num_total)
             loss.backward()
             total += loss.item()
-        torch.nn.utils.clip_grad_norm_(self.draft.parameters(), cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(params_of(self.optimizer), cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
