@@ -1,4 +1,4 @@
-"""The `raylm` command line: make-model, generate, serve, bench {throughput,latency,serve,kernels,structured,...}."""
+"""The `raylm` command line: make-model, generate, serve, distill, bench {throughput,latency,serve,kernels,structured,...}."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,7 @@ _BENCH = {
                    "structured output: grammar libraries' mask cost, JSON-schema throughput"),
 }
 _SERVE = ("raylm.cluster.serve.serve_cli", "serve a model over gRPC and OpenAI HTTP with Ray Serve")
+_DISTILL = ("raylm.cluster.distill.cli", "train a draft model against a target for speculation")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -128,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     module, help_text = _SERVE
     p = sub.add_parser("serve", help=help_text)
+    _lazy(p, module)
+
+    module, help_text = _DISTILL
+    p = sub.add_parser("distill", help=help_text)
     _lazy(p, module)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
