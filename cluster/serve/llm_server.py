@@ -16,7 +16,6 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from raylm.cluster.serve import tuning
 from raylm.cluster.serve.errors import ServeError, error_from_exception
 from raylm.cluster.serve.metrics import ServerMetrics
 from raylm.cluster.serve.prefix_hash import PrefixIndex, index_capacity, request_prefix_digests
@@ -80,7 +79,6 @@ class LLMServer:
         engine_args = dict(engine_args)
         engine_args["model"] = resolve_model(engine_args.get("model"))
         _use_assigned_cpus()
-        tuning.apply_in_replica()
         self.engine = AsyncEngine(**engine_args)
         self.tokenizer = self.engine.tokenizer
         self.model_name: str = self.engine.model_name

@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from raylm.cluster.serve import tuning
 from raylm.cluster.serve.limits import DEFAULT_MAX_REQUEST_BYTES, api_key_from_env, export_limits
 
 from raylm.cluster.cli import json_dict
@@ -198,7 +197,6 @@ def run(args: argparse.Namespace) -> int:
     if started_ray:
         if args.address is None:  # the Ray processes we start (the gRPC proxy) inherit these
             export_limits(args.max_request_bytes)
-            tuning.apply_env_defaults()
         ray.init(address=args.address, num_cpus=args.num_cpus if args.address is None else None,
                  include_dashboard=False, log_to_driver=False, **_node_address(args))
     # After ray.init, which installs its own SIGTERM handler (it exits the driver at once):
