@@ -28,7 +28,7 @@ IMPLS = ("auto", "stream8", "blas")
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
 MAX_STREAM_ROWS = 64  # what the compiled kernel accepts
 LEGACY_STREAM_ROWS = 8
-_REPEATS = 5
+_REPEATS = 9
 
 # (in_features, out_features, torch threads) -> per row count 0..ROW_BUCKETS[-1]: stream?
 _TABLE: dict[tuple[int, int, int], tuple[bool, ...]] = {}
@@ -60,49 +60,61 @@ def _nearest_bucket(rows: int) -> int:
     return min(ROW_BUCKETS, key=lambda b: abs(math.log2(b) - math.log2(rows)))
 
 
-def _time_pair(x: torch.Tensor, w: torch.Tensor, ext) -> tuple[float, float]:
-    """Best-of wall times (streaming, GEMM), interleaved so both see the same machine load."""
-    best_s = best_b = float("inf")
-    ext.linear_small_batch(x, w, None)
-    F.linear(x, w)
-    for _ in range(_REPEATS):
+def _ratio(x: torch.Tensor, weights: list[torch.Tensor], ext) -> float:
+    """Median over paired runs of GEMM time / streaming time, each run a sweep over the model's
+    own weights of this shape (as a step does, so the weights come from where a step finds
+    them). Pairs alternate their order; the median of per-pair ratios shrugs off bursts of load
+    from other processes that a best-of time would not."""
+    def sweep(fn) -> float:
         t0 = time.perf_counter()
-        ext.linear_small_batch(x, w, None)
-        t1 = time.perf_counter()
-        F.linear(x, w)
-        t2 = time.perf_counter()
-        best_s, best_b = min(best_s, t1 - t0), min(best_b, t2 - t1)
-    return best_s, best_b
+        for w in weights:
+            fn(x, w)
+        return time.perf_counter() - t0
+
+    def stream(a, w):
+        return ext.linear_small_batch(a, w, None)
+
+    sweep(stream), sweep(F.linear)
+    ratios = []
+    for i in range(_REPEATS):
+        if i % 2:
+            s, b = sweep(stream), sweep(F.linear)
+        else:
+            b, s = sweep(F.linear), sweep(stream)
+        ratios.append(b / s)
+    return sorted(ratios)[len(ratios) // 2]
 
 
 @torch.inference_mode()
 def calibrate(weights: Iterable[torch.Tensor]) -> dict[tuple[int, int], dict[int, str]]:
-    """Measure the choice for every new CPU fp32 weight shape [out, in]; returns the table of
-    the shapes given ({(in, out): {bucket: "stream" | "blas"}}), logged once when new."""
+    """Measure the choice for every new CPU fp32 weight shape [out, in] (timing the given
+    weights themselves); returns the table of the shapes given ({(in, out): {bucket: "stream" |
+    "blas"}}), logged once when new."""
     from raylm.kernels.cpu_ops import load_extension
 
     ext = load_extension()
     threads = torch.get_num_threads()
-    shapes = sorted({(w.shape[1], w.shape[0]) for w in weights
-                     if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
-                     and w.is_contiguous()})
+    by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for w in weights:
+        if (w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
+                and w.is_contiguous()):
+            by_shape.setdefault((w.shape[1], w.shape[0]), []).append(w.detach())
     if ext is None or _IMPL != "auto":
         return {}
-    new = [s for s in shapes if (*s, threads) not in _TABLE]
-    timings: dict[tuple[int, int], dict[int, tuple[float, float]]] = {}
+    ratios: dict[tuple[int, int], dict[int, float]] = {}
     g = torch.Generator().manual_seed(0)
-    for k, n in new:
-        w = torch.randn(n, k, generator=g)
-        timings[(k, n)] = {b: _time_pair(torch.randn(b, k, generator=g), w, ext)
-                           for b in ROW_BUCKETS}
-        stream = {b: s < blas for b, (s, blas) in timings[(k, n)].items()}
+    for (k, n), ws in sorted(by_shape.items()):
+        if (k, n, threads) in _TABLE:
+            continue
+        ratios[(k, n)] = {b: _ratio(torch.randn(b, k, generator=g), ws, ext) for b in ROW_BUCKETS}
+        stream = {b: r > 1.0 for b, r in ratios[(k, n)].items()}
         _TABLE[(k, n, threads)] = (False,) + tuple(stream[_nearest_bucket(r)]
                                                    for r in range(1, ROW_BUCKETS[-1] + 1))
-    if new:
+    if ratios:
         lines = [f"  in={k:6d} out={n:6d}: " + " ".join(
-            f"{b}:{'S' if s < blas else 'B'}({blas / s:.2f}x)" for b, (s, blas) in t.items())
-            for (k, n), t in timings.items()]
-        logger.info("linear plan (%d threads; S = streaming kernel, B = BLAS GEMM, (BLAS time / "
-                    "streaming time)):\n%s", threads, "\n".join(lines))
+            f"{b}:{'S' if r > 1.0 else 'B'}({r:.2f}x)" for b, r in t.items())
+            for (k, n), t in ratios.items()]
+        logger.info("linear plan (%d threads; per row bucket: S = streaming kernel, B = BLAS "
+                    "GEMM, (GEMM time / streaming time)):\n%s", threads, "\n".join(lines))
     return {(k, n): {b: "stream" if _TABLE[(k, n, threads)][b] else "blas" for b in ROW_BUCKETS}
-            for k, n in shapes}
+            for k, n in by_shape}

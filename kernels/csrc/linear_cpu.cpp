@@ -7,15 +7,56 @@
 
 #include <algorithm>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 constexpr int64_t kMaxRows = 64;
 constexpr int64_t kRowsPerGroup = 8;   // input rows held per pass over a weight tile
 constexpr int64_t kRowsPerTask = 64;  // weight rows per parallel task (<= 8 input rows)
 constexpr int64_t kTileBytes = 32 << 10;  // weight tile re-read per input group (> 8 rows)
 
+#if defined(__AVX512F__)
+// Weight rows per register tile for M input rows: M * NR accumulators + NR weight vectors fit
+// the 32 vector registers, and NR independent streams keep the loads in flight.
+template <int M>
+constexpr int tile_rows() { return M <= 2 ? 8 : (M <= 4 ? 4 : 2); }
+
+// y[m, n..n+NR) for NR weight rows at a time; k % 16 == 0. Returns the first row not done.
+template <int M>
+int64_t rows_avx512(const float* x, int64_t x_stride, const float* w, int64_t k,
+                    const float* bias, float* y, int64_t y_stride, int64_t n_begin,
+                    int64_t n_end) {
+  constexpr int NR = tile_rows<M>();
+  int64_t n = n_begin;
+  for (; n + NR <= n_end; n += NR) {
+    __m512 acc[M][NR];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+    const float* wn = w + n * k;
+    for (int64_t i = 0; i < k; i += 16) {
+      __m512 wv[NR];
+      for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_ps(wn + r * k + i);
+      for (int m = 0; m < M; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * x_stride + i);
+        for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < NR; ++r)
+        y[m * y_stride + n + r] = _mm512_reduce_add_ps(acc[m][r]) + (bias ? bias[n + r] : 0.f);
+  }
+  return n;
+}
+#endif
+
 template <int M>
 void rows_kernel(const float* x, int64_t x_stride, const float* w, int64_t k, const float* bias,
                  float* y, int64_t y_stride, int64_t n_begin, int64_t n_end) {
+#if defined(__AVX512F__)
+  if (k % 16 == 0) n_begin = rows_avx512<M>(x, x_stride, w, k, bias, y, y_stride, n_begin, n_end);
+#endif
   for (int64_t n = n_begin; n < n_end; ++n) {
     const float* wn = w + n * k;
     float acc[M];

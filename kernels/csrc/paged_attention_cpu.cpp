@@ -158,10 +158,14 @@ inline float exp_chunk(float* s, float m, int num_valid) {
 }
 
 // ---- one work item ---------------------------------------------------------------------------
+// Rows of an item: r = head * rows_per_head + token * group + query head within the group, for
+// its num_kv consecutive KV heads. Several KV heads per item (decode at large batch) read each
+// block's token rows front to back instead of one head's 1/kv_heads slice of every row.
 struct Item {
-  int64_t seq, kv_head, tok_begin, tok_end;  // query tokens of the tile, relative to the seq
-  int64_t key_begin, key_end;                // this item's keys (block aligned begin)
-  int64_t partial;                           // -1: write the output; else its partial slot
+  int64_t seq, kv_head, num_kv;    // KV heads [kv_head, kv_head + num_kv)
+  int64_t tok_begin, tok_end;      // query tokens of the tile, relative to the seq
+  int64_t key_begin, key_end;      // this item's keys (block aligned begin)
+  int64_t partial;                 // -1: write the output; else its partial slot
 };
 
 struct Args {
@@ -175,23 +179,32 @@ struct Args {
   float* part_ml;   // [num_partials, kMaxRows, 2] (running max, sum)
 };
 
+// Offset of row r's query / output head vector within its token's [num_heads, D] row.
+inline int64_t row_head(const Item& it, int64_t g, int64_t rows_per_head, int64_t r) {
+  return (it.kv_head + r / rows_per_head) * g + r % g;
+}
+inline int64_t row_token(int64_t g, int64_t rows_per_head, int64_t r) {
+  return (r % rows_per_head) / g;
+}
+
 template <typename T>
 void run_item(const Args& a, const Item& it, const T* kp, const T* vp) {
   const int64_t g = a.group, d = a.head_dim, bs = a.block_size;
   const int64_t q0 = a.qsl[it.seq], q_len = a.qsl[it.seq + 1] - q0;
   const int64_t ctx = a.lens[it.seq] - q_len;
-  const int ntok = (int)(it.tok_end - it.tok_begin), R = (int)(ntok * g);
+  const int ntok = (int)(it.tok_end - it.tok_begin), rph = (int)(ntok * g);
+  const int R = (int)(it.num_kv * rph);
   alignas(64) float q[kMaxRows * kMaxHeadDim];
   alignas(64) float acc[kMaxRows * kMaxHeadDim];
   alignas(64) float s[kMaxRows * kChunk];
   float m[kMaxRows], l[kMaxRows];
-  for (int t = 0; t < ntok; ++t)
-    for (int h = 0; h < g; ++h) {
-      const float* src = a.q + (q0 + it.tok_begin + t) * a.q_tok + (it.kv_head * g + h) * a.q_head;
-      float* dst = q + (t * g + h) * d;
+  for (int r = 0; r < R; ++r) {
+    const float* src = a.q + (q0 + it.tok_begin + row_token(g, rph, r)) * a.q_tok +
+                       row_head(it, g, rph, r) * a.q_head;
+    float* dst = q + r * d;
 #pragma omp simd
-      for (int64_t i = 0; i < d; ++i) dst[i] = src[i] * a.scale;
-    }
+    for (int64_t i = 0; i < d; ++i) dst[i] = src[i] * a.scale;
+  }
   std::fill(acc, acc + R * d, 0.f);
   std::fill(m, m + R, kNegInf);
   std::fill(l, l + R, 0.f);
@@ -207,10 +220,13 @@ void run_item(const Args& a, const Item& it, const T* kp, const T* vp) {
     const T* vc = vp + block * a.block_stride + off * a.token_stride + head_off;
     // Rows of tokens whose causal limit is at or before this chunk see none of it.
     const int t_first = (int)std::max<int64_t>(0, c0 - first_limit + 1);
-    const int r0 = t_first * (int)g;
-    score_chunk(q, r0, R, (int)d, kc, a.token_stride, n, s);
-    for (int r = r0; r < R; ++r) {
-      const int t = r / (int)g;
+    const int r0 = t_first * (int)g;  // within each head's rows
+    for (int h = 0; h < it.num_kv; ++h)
+      score_chunk(q + h * rph * d, r0, rph, (int)d, kc + h * d, a.token_stride, n,
+                  s + h * rph * kChunk);
+    for (int r = 0; r < R; ++r) {
+      const int t = (int)row_token(g, rph, r);
+      if (t < t_first) continue;
       const int valid = (int)std::min<int64_t>(n, first_limit + t - c0);
       float* sr = s + r * kChunk;
       float bmax = kNegInf;
@@ -225,26 +241,28 @@ void run_item(const Args& a, const Item& it, const T* kp, const T* vp) {
         for (int64_t i = 0; i < d; ++i) ar[i] *= alpha;
       }
     }
-    // acc[r] += sum_j p[r][j] v[j]: each value row streamed once for all rows.
+    // acc[r] += sum_j p[r][j] v[j]: each value row streamed once for all rows of its head.
     for (int j = 0; j < n; ++j) {
-      const T* vj = vc + j * a.token_stride;
-      alignas(64) float vf[kMaxHeadDim];
+      for (int h = 0; h < it.num_kv; ++h) {
+        const T* vj = vc + j * a.token_stride + h * d;
+        alignas(64) float vf[kMaxHeadDim];
 #pragma omp simd
-      for (int64_t i = 0; i < d; ++i) vf[i] = static_cast<float>(vj[i]);
-      for (int r = r0; r < R; ++r) {
-        const float p = s[r * kChunk + j];
-        if (p == 0.f) continue;  // masked (causal) lanes
-        float* ar = acc + r * d;
+        for (int64_t i = 0; i < d; ++i) vf[i] = static_cast<float>(vj[i]);
+        for (int r = h * rph + r0; r < (h + 1) * rph; ++r) {
+          const float p = s[r * kChunk + j];
+          if (p == 0.f) continue;  // masked (causal) lanes
+          float* ar = acc + r * d;
 #pragma omp simd
-        for (int64_t i = 0; i < d; ++i) ar[i] += p * vf[i];
+          for (int64_t i = 0; i < d; ++i) ar[i] += p * vf[i];
+        }
       }
     }
     c0 += n;
   }
   if (it.partial < 0) {
     for (int r = 0; r < R; ++r) {
-      const int64_t t = r / g, h = r % g;
-      float* o = a.out + ((q0 + it.tok_begin + t) * a.num_heads + it.kv_head * g + h) * d;
+      float* o = a.out + ((q0 + it.tok_begin + row_token(g, rph, r)) * a.num_heads +
+                          row_head(it, g, rph, r)) * d;
       const float inv = 1.f / l[r];
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) o[i] = acc[r * d + i] * inv;
@@ -258,15 +276,16 @@ void run_item(const Args& a, const Item& it, const T* kp, const T* vp) {
   }
 }
 
-// Merges the partials [first, first + num) of one (seq, kv head, tile) into the output.
+// Merges the partials [first, first + num) of one (seq, kv heads, tile) into the output.
 void merge_partials(const Args& a, const Item& it, int64_t first, int64_t num) {
   const int64_t g = a.group, d = a.head_dim, q0 = a.qsl[it.seq];
-  const int R = (int)((it.tok_end - it.tok_begin) * g);
+  const int64_t rph = (it.tok_end - it.tok_begin) * g;
+  const int R = (int)(it.num_kv * rph);
   for (int r = 0; r < R; ++r) {
     float m = kNegInf;
     for (int64_t p = first; p < first + num; ++p) m = std::max(m, a.part_ml[(p * kMaxRows + r) * 2]);
-    const int64_t t = r / g, h = r % g;
-    float* o = a.out + ((q0 + it.tok_begin + t) * a.num_heads + it.kv_head * g + h) * d;
+    float* o = a.out + ((q0 + it.tok_begin + row_token(g, rph, r)) * a.num_heads +
+                        row_head(it, g, rph, r)) * d;
     std::fill(o, o + d, 0.f);
     float l = 0.f;
     for (int64_t p = first; p < first + num; ++p) {
@@ -310,17 +329,20 @@ torch::Tensor paged_attention_cpu(torch::Tensor query,         // [num_tokens, n
   const int32_t* qsl_p = qsl.data_ptr<int32_t>();
   const int32_t* lens_p = lens.data_ptr<int32_t>();
 
-  // Work items: tiles of tokens x KV heads; split over keys while the pool would starve.
+  // Work items: tiles of tokens x KV heads. With enough tiles for the cores, an item takes as
+  // many KV heads as its rows allow (contiguous reads of each block); with too few, one head
+  // per item and the keys split while the pool would starve.
   const int64_t tile_tokens = kMaxRows / group;
   const int num_threads = omp_get_max_threads();
   int64_t num_tiles = 0, work = 0;
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t q_len = qsl_p[s + 1] - qsl_p[s];
-    num_tiles += (q_len + tile_tokens - 1) / tile_tokens * kv_heads;
+    num_tiles += (q_len + tile_tokens - 1) / tile_tokens;
     work += q_len * lens_p[s] * kv_heads;
   }
   const bool parallel = work >= kParallelWork && num_threads > 1;
-  const int64_t want_items = parallel ? 2 * num_threads : 1;
+  const int64_t want_items = parallel ? 4 * num_threads : 1;
+  const bool group_heads = num_tiles >= want_items;
   std::vector<Item> items;
   std::vector<std::pair<int64_t, int64_t>> merges;  // (first item, number of splits)
   int64_t num_partials = 0;
@@ -328,18 +350,23 @@ torch::Tensor paged_attention_cpu(torch::Tensor query,         // [num_tokens, n
     const int64_t q_len = qsl_p[s + 1] - qsl_p[s], ctx = lens_p[s] - q_len;
     for (int64_t t0 = 0; t0 < q_len; t0 += tile_tokens) {
       const int64_t t1 = std::min(q_len, t0 + tile_tokens), keys = ctx + t1;
+      const int64_t heads_per_item =
+          group_heads ? std::max<int64_t>(1, std::min(kv_heads, kMaxRows / ((t1 - t0) * group)))
+                      : 1;
       int64_t splits = 1;
-      if (num_tiles < want_items)
-        splits = std::min((want_items + num_tiles - 1) / num_tiles, keys / kMinKeysPerSplit);
+      if (!group_heads)
+        splits = std::min((want_items + num_tiles * kv_heads - 1) / (num_tiles * kv_heads),
+                          keys / kMinKeysPerSplit);
       splits = std::max<int64_t>(splits, 1);
       // Block-aligned split boundaries.
       const int64_t nb = (keys + block_size - 1) / block_size;
       const int64_t per = (nb + splits - 1) / splits;
       splits = (nb + per - 1) / per;
-      for (int64_t h = 0; h < kv_heads; ++h) {
+      for (int64_t h = 0; h < kv_heads; h += heads_per_item) {
+        const int64_t nh = std::min(heads_per_item, kv_heads - h);
         if (splits > 1) merges.emplace_back((int64_t)items.size(), splits);
         for (int64_t p = 0; p < splits; ++p)
-          items.push_back({s, h, t0, t1, p * per * block_size,
+          items.push_back({s, h, nh, t0, t1, p * per * block_size,
                            std::min(keys, (p + 1) * per * block_size),
                            splits > 1 ? num_partials++ : -1});
       }
