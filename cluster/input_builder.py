@@ -54,33 +54,52 @@ def _banned_ids(seq: Sequence, step: int) -> list[int]:
 
 
 def build_sampling_metadata(groups: list[SampleGroup]) -> SamplingMetadata:
-    cols: dict[str, list] = {k: [] for k in (
-        "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-        "frequency_penalty", "seeds", "step_ids", "num_logprobs")}
-    banned, row_seqs = [], []
-    for g in groups:
-        seq, p, decoder = g.seq, g.seq.request.params, g.seq.request.decoder
-        greedy = decoder.is_greedy_row(seq)
-        for i in range(g.num_rows):
-            # Verification rows score successive positions; n > 1 rows share one position.
-            step = seq.num_output_tokens + (i if g.spec_token_ids else 0)
-            cols["temperature"].append(0.0 if greedy else p.temperature)
-            cols["top_k"].append(0 if greedy else p.top_k)
-            cols["top_p"].append(1.0 if greedy else p.top_p)
-            cols["min_p"].append(0.0 if greedy else p.min_p)
-            cols["repetition_penalty"].append(p.repetition_penalty)
-            cols["presence_penalty"].append(p.presence_penalty)
-            cols["frequency_penalty"].append(p.frequency_penalty)
-            # Each of a request's n sequences draws its own stream from the one seed.
-            stream = seq.index + (0 if g.spec_token_ids else i)
-            cols["seeds"].append(None if p.seed is None else p.seed * 1_000_003 + stream)
-            cols["step_ids"].append(step)
-            cols["num_logprobs"].append(decoder.num_logprobs(seq))
-            banned.append(_banned_ids(seq, step))
-            row_seqs.append(seq)
-    meta = SamplingMetadata(**cols)
-    if any(banned):
-        meta.banned_token_ids = banned
+    """Per-row columns, built column by column over the groups (one comprehension each, no
+    per-row appends): at a few hundred running sequences this is on every step's path."""
+    seqs = [g.seq for g in groups]
+    params = [seq.request.params for seq in seqs]
+    greedy = [seq.request.decoder.is_greedy_row(seq) for seq in seqs]
+    counts = [g.num_rows for g in groups]
+    if all(c == 1 for c in counts):
+        def rows(values: list) -> list:
+            return values
+    else:
+        def rows(values: list) -> list:
+            return [v for v, c in zip(values, counts) for _ in range(c)]
+    # Verification rows score successive positions; n > 1 rows share one position and each of a
+    # request's n sequences draws its own stream from the one seed.
+    base_steps = [seq.num_output_tokens for seq in seqs]
+    steps, streams = [], []
+    for g, step in zip(groups, base_steps):
+        if g.num_rows == 1:
+            steps.append(step)
+            streams.append(g.seq.index)
+        elif g.spec_token_ids:
+            steps.extend(range(step, step + g.num_rows))
+            streams.extend([g.seq.index] * g.num_rows)
+        else:
+            steps.extend([step] * g.num_rows)
+            streams.extend(range(g.seq.index, g.seq.index + g.num_rows))
+    row_params = rows(params)
+    row_greedy = rows(greedy)
+    meta = SamplingMetadata(
+        temperature=[0.0 if gr else p.temperature for p, gr in zip(row_params, row_greedy)],
+        top_k=[0 if gr else p.top_k for p, gr in zip(row_params, row_greedy)],
+        top_p=[1.0 if gr else p.top_p for p, gr in zip(row_params, row_greedy)],
+        min_p=[0.0 if gr else p.min_p for p, gr in zip(row_params, row_greedy)],
+        repetition_penalty=[p.repetition_penalty for p in row_params],
+        presence_penalty=[p.presence_penalty for p in row_params],
+        frequency_penalty=[p.frequency_penalty for p in row_params],
+        seeds=[None if p.seed is None else p.seed * 1_000_003 + st
+               for p, st in zip(row_params, streams)],
+        step_ids=steps,
+        num_logprobs=rows([seq.request.decoder.num_logprobs(seq) for seq in seqs]),
+    )
+    row_seqs = rows(seqs)
+    if any(p.min_tokens > st for p, st in zip(row_params, steps)):
+        banned = [_banned_ids(seq, st) for seq, st in zip(row_seqs, steps)]
+        if any(banned):
+            meta.banned_token_ids = banned
     if meta.needs_penalties:
         meta.prompt_token_ids = [seq.prompt_token_ids for seq in row_seqs]
         # A verification row's history includes the drafts before its position.

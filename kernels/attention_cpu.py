@@ -1,9 +1,11 @@
-"""Paged attention on CPU without the gather copy (kernels/csrc/paged_attention_cpu.cpp).
+"""Paged attention on CPU, read in place (kernels/csrc/paged_attention_cpu.cpp).
 
-Decode attention is memory bound; the torch reference copies every sequence's K/V out of its
-blocks before attending (three passes over the KV bytes), this op reads them once in place.
-fp32 queries over an fp32, bf16 or fp16 cache; other dtypes and the oracle use
-kernels/attention_ref.py.
+The kernel tiles each sequence's queries by KV group (all query heads of a KV head, several
+tokens), scores 16 keys of a block per vector operation, runs the online softmax on whole score
+vectors with a vectorised exp, and splits long sequences over key blocks when there are too few
+(sequence, KV head) items to fill the cores. fp32 queries over an fp32, bf16 or fp16 cache; other
+dtypes and the oracle use kernels/attention_ref.py. ``impl="legacy"`` selects the previous
+per-key kernel (kept for A/B benchmarks only: RAYLM_ATTENTION_IMPL=legacy).
 """
 from __future__ import annotations
 
@@ -12,11 +14,16 @@ import torch
 from raylm.kernels.cpu_ops import load_extension
 from raylm.kernels.metadata import AttentionMetadata
 
+IMPLS = ("tiled", "legacy")
+MAX_GROUP = {"tiled": 32, "legacy": 16}  # query heads per KV head the kernels hold
+MAX_HEAD_DIM = 256
 
-def supports(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
+
+def supports(query: torch.Tensor, k_cache: torch.Tensor, impl: str = "tiled") -> bool:
     return (query.device.type == "cpu" and query.dtype == torch.float32
             and k_cache.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and query.shape[1] // k_cache.shape[2] <= 16)
+            and query.shape[1] // k_cache.shape[2] <= MAX_GROUP[impl]
+            and query.shape[2] <= MAX_HEAD_DIM)
 
 
 def paged_attention_cpu(
@@ -25,10 +32,12 @@ def paged_attention_cpu(
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     meta: AttentionMetadata,
     scale: float,
+    impl: str = "tiled",
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     ext = load_extension()
-    assert ext is not None
+    assert ext is not None and impl in IMPLS
     if query.stride(2) != 1:
         query = query.contiguous()
-    return ext.paged_attention_cpu(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                   meta.query_start_loc, scale)
+    op = ext.paged_attention_cpu if impl == "tiled" else ext.paged_attention_legacy_cpu
+    return op(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+              scale)

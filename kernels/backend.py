@@ -1,7 +1,8 @@
 """One backend interface for the ops the model needs from kernels/, chosen by device.
 
-CUDA tensors use Triton, CPU uses the torch reference; ``RAYLM_ATTENTION_BACKEND=torch|triton``
-overrides (read in one place: :func:`backend_name_for`).
+CUDA tensors use Triton, CPU the compiled CPU ops; ``RAYLM_ATTENTION_BACKEND=torch|cpu|triton``
+overrides (read in one place: :func:`backend_name_for`). ``RAYLM_ATTENTION_IMPL=legacy`` selects
+the previous CPU attention kernel, for A/B benchmarks (read in :func:`cpu_attention_impl`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from raylm.kernels.norm_ref import add_rms_norm_ref, rms_norm_ref
 from raylm.kernels.rotary_ref import apply_rotary_ref
 
 BACKEND_ENV = "RAYLM_ATTENTION_BACKEND"
+CPU_IMPL_ENV = "RAYLM_ATTENTION_IMPL"
 
 
 class TorchBackend:
@@ -57,11 +59,12 @@ class CpuBackend(TorchBackend):
 
     name = "cpu"
 
-    def __init__(self) -> None:
+    def __init__(self, impl: str = "tiled") -> None:
         from raylm.kernels import attention_cpu
         from raylm.kernels.cpu_ops import load_extension
 
         self._ops = attention_cpu
+        self._impl = impl
         self._ext = load_extension()
         self._available = self._ext is not None
 
@@ -70,8 +73,9 @@ class CpuBackend(TorchBackend):
             super().prepare(meta)
 
     def attention(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        if self._available and self._ops.supports(query, k_cache):
-            return self._ops.paged_attention_cpu(query, k_cache, v_cache, meta, scale)
+        if self._available and self._ops.supports(query, k_cache, self._impl):
+            return self._ops.paged_attention_cpu(query, k_cache, v_cache, meta, scale,
+                                                 self._impl)
         return paged_attention_ref(query, k_cache, v_cache, meta, scale)
 
     def _fused(self, *tensors: torch.Tensor) -> bool:
@@ -110,10 +114,20 @@ def backend_name_for(device: torch.device) -> str:
     return "triton" if torch.device(device).type == "cuda" else "cpu"
 
 
+def cpu_attention_impl() -> str:
+    """``RAYLM_ATTENTION_IMPL``: tiled (default) or legacy (the previous kernel, for A/B runs)."""
+    from raylm.kernels.attention_cpu import IMPLS
+
+    impl = os.environ.get(CPU_IMPL_ENV, "").strip().lower() or "tiled"
+    if impl not in IMPLS:
+        raise ValueError(f"{CPU_IMPL_ENV} must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
 def get_backend(device: torch.device | str) -> TorchBackend:
     name = backend_name_for(torch.device(device))
     if name == "cpu":
-        return CpuBackend()
+        return CpuBackend(cpu_attention_impl())
     if name == "triton":
         if (torch.device(device).type != "cuda" and "triton.language" in sys.modules
                 and os.environ.get("TRITON_INTERPRET") != "1"):

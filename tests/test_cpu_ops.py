@@ -1,6 +1,7 @@
 """The compiled CPU ops equal their torch references: paged attention on ragged, mixed, paged
 batches; the few-row streaming linear."""
 import itertools
+import math
 import os
 
 import pytest
@@ -40,26 +41,47 @@ def _case(q_lens, s_lens, block_size, num_kv_heads, group, head_dim=32, seed=0):
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("num_kv_heads,group", [(4, 1), (2, 4), (1, 8)])
-def test_mixed_batch_matches_reference(block_size, num_kv_heads, group):
+@pytest.mark.parametrize("num_kv_heads,group", [(4, 1), (4, 2), (2, 4), (1, 8)])
+@pytest.mark.parametrize("head_dim", [64, 40])  # the vector path; the scalar fallback
+def test_mixed_batch_matches_reference(block_size, num_kv_heads, group, head_dim):
     B = block_size
-    # decodes at 1, B-1, B, B+1 and several blocks; a full prompt; chunks starting mid-sequence.
-    q_lens = [1, 1, 1, 1, 1, 20, 7, B + 3]
-    s_lens = [1, B - 1, B, B + 1, 5 * B + 3, 20, 3 * B + 2, 4 * B]
-    query, k_cache, v_cache, meta = _case(q_lens, s_lens, B, num_kv_heads, group)
+    # decodes at 1, B-1, B, B+1 and several blocks; a full prompt; chunks starting mid-block
+    # (context 3B-5 and 3B-3) and one starting on a block boundary (context B).
+    q_lens = [1, 1, 1, 1, 1, 20, 7, B + 3, 2 * B]
+    s_lens = [1, B - 1, B, B + 1, 5 * B + 3, 20, 3 * B + 2, 4 * B, 3 * B]
+    query, k_cache, v_cache, meta = _case(q_lens, s_lens, B, num_kv_heads, group, head_dim)
     ref = paged_attention_ref(query, k_cache, v_cache, meta, scale=0.17)
     out = paged_attention_cpu(query, k_cache, v_cache, meta, scale=0.17)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)  # fp32
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
-def test_16bit_cache_matches_reference(cache_dtype):
-    q_lens, s_lens = [1, 1, 9], [37, 16, 40]
-    query, k_cache, v_cache, meta = _case(q_lens, s_lens, 16, 2, 4)
+@pytest.mark.parametrize("num_kv_heads,group", [(2, 1), (2, 2), (2, 4), (1, 8)])
+def test_16bit_cache_matches_reference(cache_dtype, num_kv_heads, group):
+    q_lens, s_lens = [1, 1, 9, 13], [37, 16, 40, 13]
+    query, k_cache, v_cache, meta = _case(q_lens, s_lens, 16, num_kv_heads, group, head_dim=64)
     k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
     ref = paged_attention_ref(query, k_cache, v_cache, meta, scale=0.2)
     out = paged_attention_cpu(query, k_cache, v_cache, meta, scale=0.2)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)  # same rounded K/V, fp32 math
+
+
+@pytest.mark.parametrize("q_lens,s_lens", [([1], [9000]), ([5], [9003]), ([1, 1], [4100, 30])])
+def test_long_sequences_split_over_key_blocks_match_reference(q_lens, s_lens):
+    """Few (sequence, KV head) items and many keys: the kernel splits the keys over the cores
+    and merges the partial softmaxes (a no-op split on one thread must still be exact)."""
+    query, k_cache, v_cache, meta = _case(q_lens, s_lens, 16, 1, 8, head_dim=64)
+    ref = paged_attention_ref(query, k_cache, v_cache, meta, scale=0.125)
+    out = paged_attention_cpu(query, k_cache, v_cache, meta, scale=0.125)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_legacy_kernel_still_matches_reference():
+    """RAYLM_ATTENTION_IMPL=legacy (A/B benchmarks) computes the same attention."""
+    query, k_cache, v_cache, meta = _case([1, 1, 7], [40, 3, 30], 16, 2, 2, head_dim=64)
+    ref = paged_attention_ref(query, k_cache, v_cache, meta, scale=0.125)
+    out = paged_attention_cpu(query, k_cache, v_cache, meta, scale=0.125, impl="legacy")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
 def test_strided_query_view():
@@ -72,19 +94,39 @@ def test_strided_query_view():
                                atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16, 27, 64])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_matches_torch(rows, with_bias):
+def test_streaming_linear_matches_torch(rows, with_bias):
+    ext = load_extension()
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 96, generator=g)
     w = torch.randn(200, 96, generator=g)
     b = torch.randn(200, generator=g) if with_bias else None
-    torch.testing.assert_close(linear(x, w, b), torch.nn.functional.linear(x, w, b),
-                               atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ext.linear_small_batch(x, w, b),
+                               torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
     # A row view of a wider tensor (the fused qkv output) works as well.
     wide = torch.randn(rows, 192, generator=g)[:, :96]
+    torch.testing.assert_close(ext.linear_small_batch(wide, w, b),
+                               torch.nn.functional.linear(wide, w, b), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(linear(wide, w, b), torch.nn.functional.linear(wide, w, b),
                                atol=1e-4, rtol=1e-5)
+
+
+def test_linear_plan_is_measured_per_shape_and_bucket():
+    from raylm.kernels import linear_plan
+
+    weights = [torch.randn(256, 128), torch.randn(128, 384)]
+    table = linear_plan.calibrate(weights)
+    assert set(table) == {(128, 256), (384, 128)}
+    for choices in table.values():
+        assert set(choices) == set(linear_plan.ROW_BUCKETS)
+        assert set(choices.values()) <= {"stream", "blas"}
+    # A call picks its nearest bucket's choice; beyond the largest bucket, the GEMM.
+    for rows in (1, 3, 6, 12, 24, 32):
+        bucket = min(linear_plan.ROW_BUCKETS,
+                     key=lambda b: abs(math.log2(b) - math.log2(rows)))
+        assert linear_plan.use_streaming(rows, 128, 256) == (table[(128, 256)][bucket] == "stream")
+    assert not linear_plan.use_streaming(100, 128, 256)
 
 
 def test_fused_norms_rotary_and_activation_match_references():

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from raylm.kernels import linear_plan
 from raylm.workers.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,9 @@ def load_model(model_path: str | pathlib.Path, *, dtype: torch.dtype,
     with torch.no_grad():
         model.load_weights(iter_safetensors(model_path))
     model.eval()
+    if device.type == "cpu":
+        # Streaming kernel or GEMM per weight shape and row count, measured on this machine.
+        linear_plan.calibrate(p for n, p in model.named_parameters() if n.endswith("weight"))
     num_params = sum(p.numel() for p in model.parameters())
     num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info("loaded %.1fM parameters (%.1f MiB on this rank) in %.2fs",

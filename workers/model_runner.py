@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from itertools import accumulate
+from itertools import accumulate, chain
 
 import numpy as np
 import torch
@@ -16,6 +16,16 @@ from raylm.workers.model_input import ModelInput, ModelOutput
 from raylm.workers.sampler import Sampler
 
 logger = logging.getLogger(__name__)
+
+
+def _padded_block_tables(block_tables: list[list[int]]) -> np.ndarray:
+    """[num_seqs, max_blocks] int32, padded with block 0, in a few C-level passes (no per-row
+    Python slice assignment: this runs every step over every running sequence)."""
+    lens = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
+    flat = np.fromiter(chain.from_iterable(block_tables), dtype=np.int32, count=int(lens.sum()))
+    tables = np.zeros((len(block_tables), int(lens.max())), dtype=np.int32)
+    tables[np.arange(tables.shape[1]) < lens[:, None]] = flat
+    return tables
 
 
 class ModelRunner:
@@ -132,11 +142,7 @@ class ModelRunner:
         return ids, pos  # [num_tokens] each
 
     def _attention_metadata(self, inp: ModelInput) -> AttentionMetadata:
-        num_seqs = inp.num_seqs
-        max_blocks = max(len(t) for t in inp.block_tables)
-        tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)  # padded with block 0
-        for i, table in enumerate(inp.block_tables):
-            tables[i, : len(table)] = table
+        tables = _padded_block_tables(inp.block_tables)  # [num_seqs, max_blocks] int32
         to = dict(device=self.device, non_blocking=True)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(inp.slot_mapping, dtype=torch.long).to(**to),

@@ -7,6 +7,10 @@ torch::Tensor paged_attention_cpu(torch::Tensor query, torch::Tensor k_cache,
                                   torch::Tensor v_cache, torch::Tensor block_tables,
                                   torch::Tensor seq_lens, torch::Tensor query_start_loc,
                                   double scale);
+torch::Tensor paged_attention_legacy_cpu(torch::Tensor query, torch::Tensor k_cache,
+                                         torch::Tensor v_cache, torch::Tensor block_tables,
+                                         torch::Tensor seq_lens, torch::Tensor query_start_loc,
+                                         double scale);
 torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w,
                                  c10::optional<torch::Tensor> bias);
 torch::Tensor rms_norm_cpu(torch::Tensor x, torch::Tensor w, double eps);
@@ -17,8 +21,10 @@ void rotary_cpu(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
 torch::Tensor silu_and_mul_cpu(torch::Tensor x);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention_cpu", &paged_attention_cpu, "paged attention, mixed batch, CPU fp32");
-  m.def("linear_small_batch", &linear_small_batch, "x @ W^T for 1..8 rows, CPU fp32");
+  m.def("paged_attention_cpu", &paged_attention_cpu, "paged attention, mixed batch, tiled + GQA-grouped, CPU");
+  m.def("paged_attention_legacy_cpu", &paged_attention_legacy_cpu,
+        "the previous per-key paged attention (A/B runs only)");
+  m.def("linear_small_batch", &linear_small_batch, "x @ W^T for 1..64 rows, CPU fp32");
   m.def("rms_norm_cpu", &rms_norm_cpu, "RMSNorm, CPU fp32");
   m.def("add_rms_norm_cpu", &add_rms_norm_cpu, "residual += x; RMSNorm(residual), CPU fp32");
   m.def("rotary_cpu", &rotary_cpu, "neox rotary in place on q and k, CPU fp32");
