@@ -39,17 +39,21 @@ class _Stream:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
+        self._held: BaseException | None = None  # an error found behind merged deltas
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     async def get(self) -> RequestOutput | BaseException:
         """The next item; deltas that piled up behind it (a slow reader) come merged."""
+        if self._held is not None:
+            item, self._held = self._held, None
+            return item
         item = await self.queue.get()
         while isinstance(item, RequestOutput) and not self.queue.empty():
             newer = self.queue.get_nowait()
-            if isinstance(newer, BaseException):  # the error is delivered next time
-                self.queue._queue.appendleft(newer)  # noqa: SLF001 - put it back in front
+            if isinstance(newer, BaseException):  # delivered after the merged deltas
+                self._held = newer
                 break
             item = merge_deltas(item, newer)
         return item

@@ -10,7 +10,7 @@ import time
 
 from raylm.cluster.config import EngineConfig
 from raylm.cluster.errors import QueueFullError
-from raylm.cluster.decoding import Logprobs, make_decoder
+from raylm.cluster.decoding import Logprobs
 from raylm.cluster.executor import make_executor
 from raylm.cluster.grammar_matcher import GrammarMatchers
 from raylm.cluster.input_builder import SampleGroup, build_model_input, prompt_hidden_spans
@@ -18,6 +18,7 @@ from raylm.cluster.kv_cache_manager import KVCacheManager
 from raylm.cluster.output_builder import make_request_output
 from raylm.cluster.outputs import RequestOutput
 from raylm.cluster.request import Request, Sequence
+from raylm.cluster.request_factory import RequestFactory
 from raylm.cluster.sampling_params import SamplingParams
 from raylm.cluster.scheduler import Scheduler, SchedulerOutput
 from raylm.cluster.speculation import Speculator
@@ -57,8 +58,8 @@ class EngineCore:
                 draft = DraftProposer(config.speculative.model, config, num_blocks,
                                       self.tokenizer)
             self.speculator = Speculator(config.speculative, self.max_model_len, draft)
-        self.eos_token_ids = _eos_token_ids(self.tokenizer, self.executor.model_path)
-        self._grammars: GrammarMatchers | None = None  # built by the first structured request
+        self.intake = RequestFactory(self.tokenizer, self.executor.model_path, self.vocab_size,
+                                     self.max_model_len, config.scheduler.max_num_seqs)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
@@ -74,73 +75,12 @@ class EngineCore:
     def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                      request_id: str | None = None, priority: int = 0,
                      max_tokens_must_fit: bool = False, prompt_text: str | None = None) -> Request:
-        """Tokenize and validate; raises ValueError naming the field. Does not enqueue.
-        `max_tokens_must_fit`: refuse a max_tokens the context cannot hold after the prompt
-        (the servers' default) instead of ending at the context with finish_reason "length".
-        `prompt_text`: the text of token-id `prompt` when the caller tokenized it itself."""
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        if isinstance(prompt, str):
-            text, token_ids = prompt, self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)):
-            text, token_ids = prompt_text, list(prompt)
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
-                raise ValueError("prompt_token_ids must be a list of ints")
-            bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"prompt_token_ids: {bad[0]} is outside the vocabulary "
-                                 f"[0, {self.vocab_size})")
-        else:
-            raise ValueError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-        if not token_ids:
-            raise ValueError("prompt is empty")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(token_ids)} tokens; the model's context "
-                             f"(max_model_len) is {self.max_model_len}, leaving no room to generate")
-        if max_tokens_must_fit and len(token_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"max_tokens: the prompt has {len(token_ids)} tokens and max_tokens "
-                             f"is {params.max_tokens}, more than the model's context of "
-                             f"{self.max_model_len} tokens; ask for at most "
-                             f"{self.max_model_len - len(token_ids)}")
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise ValueError(f"priority must be an int, got {priority!r}")
-        self._check_fits(params)
+        """A validated Request (see RequestFactory.make); does not enqueue."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
-        request = Request(request_id, text, token_ids, params, priority=priority,
-                          eos_token_ids=self.eos_token_ids)
-        request.decoder = make_decoder(request)
-        if params.structured_outputs is not None:
-            request.seqs[0].grammar = self.grammars.new_matcher(params.structured_outputs)
-        if params.prompt_logprobs is not None:
-            request.prompt_logprobs = [None]
-            request.cache_salt = request_id  # cached positions would have no logits
-        return request
-
-    @property
-    def grammars(self) -> GrammarMatchers:
-        if self._grammars is None:
-            self._grammars = GrammarMatchers(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        return self._grammars
-
-    def _check_fits(self, params: SamplingParams) -> None:
-        """What SamplingParams cannot know: the vocabulary and this engine's batch size."""
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            # the sampler masks these ids while min_tokens is not reached
-            raise ValueError(f"stop_token_ids: {bad[0]} is outside the vocabulary "
-                             f"[0, {self.vocab_size})")
-        max_seqs = self.config.scheduler.max_num_seqs
-        sizes = {"n": params.n, "num_beams": params.num_beams}
-        if params.sampling_type == "contrastive":
-            sizes["top_k"] = params.top_k  # one forked candidate sequence per top-k token
-        for name, value in sizes.items():
-            if value > max_seqs:
-                # all of a request's sequences run in the same steps
-                raise ValueError(f"{name} must be <= max_num_seqs ({max_seqs}) of this server, "
-                                 f"got {value}")
+        return self.intake.make(prompt, params, request_id, priority,
+                                max_tokens_must_fit=max_tokens_must_fit, prompt_text=prompt_text)
 
     def add_request(self, request: Request) -> None:
         limit = self.config.scheduler.max_queued_requests
@@ -196,8 +136,8 @@ class EngineCore:
             # drafts is still lossless (only less accepting).
             draft_probs = None
         inp.spec_draft_probs = draft_probs
-        if self._grammars is not None:
-            mask = self._grammars.step_bitmask(groups)
+        if self.intake.grammars is not None:
+            mask = self.intake.grammars.step_bitmask(groups)
             if mask is not None:
                 inp.sampling.grammar_rows, inp.sampling.grammar_bitmask = mask
         out = self.executor.execute(inp)
@@ -385,7 +325,7 @@ class EngineCore:
             "num_aborted": self.num_aborted,
             "num_failed": self.num_failed,
             **self.executor.get_stats(),
-            **(self._grammars.get_stats() if self._grammars is not None else {}),
+            **(self.intake.grammars.get_stats() if self.intake.grammars is not None else {}),
             **(self.speculator.get_stats() if self.speculator is not None else {}),
         }
 
@@ -403,18 +343,3 @@ class EngineCore:
         if self.speculator is not None and self.speculator.draft is not None:
             self.speculator.draft.close()
         self.executor.shutdown()
-
-
-def _eos_token_ids(tokenizer, model_path) -> frozenset[int]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    try:
-        from transformers import GenerationConfig
-
-        gen = GenerationConfig.from_pretrained(model_path)
-        eos = gen.eos_token_id
-        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    except OSError:
-        pass
-    return frozenset(ids)
