@@ -19,6 +19,12 @@ At batch 1 on a memory-bound device T barely grows with N, so k* = k_max wheneve
 large compute-bound batch every extra verified token costs as much as a decoded one, the ratio
 is below 1 and k* = 0: speculation never makes serving slower than not speculating. a_i is an
 exponential moving average per request (prior: the engine-wide rate). Pure Python.
+
+A run of k* = 0 would otherwise be final: no drafts means no new acceptance samples, and steps
+that all feed N0 tokens leave the time fit degenerate. So after a run of zeros one step explores
+with k_max, as rarely as its cost requires: its extra time relative to a plain step (from the last
+non-degenerate fit) spread over the run stays under EXPLORE_BUDGET, and the run is at least
+EXPLORE_EVERY steps.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from dataclasses import dataclass
 DECAY = 0.98  # weight of the past in the step-time fit (about 50 steps of memory)
 PRIOR_ACCEPTANCE = 0.5
 MIN_SAMPLES = 8  # below this many measured steps, speculate fully (optimistic start)
+EXPLORE_EVERY = 32  # the shortest run of k = 0 steps before one step re-measures with k_max
+EXPLORE_BUDGET = 0.02  # what exploring may cost, as a fraction of the time spent at k = 0
 
 
 @dataclass
@@ -66,6 +74,8 @@ class AdaptiveK:
         self.fit = _Fit()  # target step seconds vs tokens fed
         self.draft_fit = _Fit()  # one draft forward's seconds vs sequences drafting
         self.last_k = k_max
+        self.num_zero_steps = 0  # k = 0 decisions since the last step that speculated
+        self._last_line: tuple[float, float] | None = None  # the last non-degenerate fit
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         self.fit.add(float(num_tokens), seconds)
@@ -84,7 +94,30 @@ class AdaptiveK:
 
     def choose(self, num_base_tokens: int, acceptances: list[float], caps: list[int]) -> int:
         """k for this step, given each candidate sequence's acceptance rate and cap."""
+        k = self._best_k(num_base_tokens, acceptances, caps)
+        if k > 0 or not acceptances:
+            self.num_zero_steps = 0
+            return k
+        self.num_zero_steps += 1
+        if self.num_zero_steps >= self._explore_interval(num_base_tokens, caps):
+            self.num_zero_steps = 0
+            return self.k_max  # one step to refresh acceptance and the fit; last_k stays 0
+        return 0
+
+    def _explore_interval(self, num_base_tokens: int, caps: list[int]) -> float:
+        """Steps at k = 0 between explorations: the extra cost of one k_max step, relative to a
+        plain step, over EXPLORE_BUDGET (never fewer than EXPLORE_EVERY)."""
+        if self._last_line is None:
+            return EXPLORE_EVERY
+        t0, t1 = self._last_line
+        extra_tokens = sum(min(self.k_max, c) for c in caps)
+        extra = t1 * extra_tokens + self.k_max * self._draft_seconds(len(caps))
+        return max(EXPLORE_EVERY, extra / (t0 + t1 * num_base_tokens) / EXPLORE_BUDGET)
+
+    def _best_k(self, num_base_tokens: int, acceptances: list[float], caps: list[int]) -> int:
         line = self.fit.line()
+        if line is not None:
+            self._last_line = line
         if not acceptances:
             return self.last_k
         if line is None:

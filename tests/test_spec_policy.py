@@ -53,3 +53,19 @@ def test_a_steady_batch_holds_its_decision():
     for _ in range(500):  # a long steady phase: every step feeds 64 tokens
         policy.observe_step(64, 1e-4 + 64e-3)
     assert policy.choose(64, [0.7] * 64, [100] * 64) == 0  # no costly re-exploration at full k
+
+
+def test_a_draft_turned_off_early_is_measured_again():
+    """A request whose first drafts were rejected must not lose speculation for good: after a
+    run of k = 0 steps one step speculates again (then acceptance and the fit are fresh)."""
+    policy = _policy(t0=10e-3, t1=2e-6)
+    ks = [policy.choose(1, [0.0], [100]) for _ in range(100)]
+    assert ks[0] == 0 and 2 <= ks.count(4) <= 4 and set(ks) == {0, 4}
+    assert policy.choose(1, [0.6], [100]) == 4  # better acceptance seen: back to full k
+
+
+def test_exploring_a_compute_bound_batch_stays_within_its_budget():
+    policy = _policy(t0=1e-4, t1=1e-3)
+    ks = [policy.choose(64, [0.7] * 64, [100] * 64) for _ in range(1000)]
+    # one k_max step costs 5x a plain one here: at most one per ~200 steps (2 % of the time)
+    assert 1 <= sum(k > 0 for k in ks) <= 6
