@@ -97,6 +97,9 @@ class AppConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # HTTP bodies (gRPC: RAYLM_MAX_REQUEST_BYTES)
     docs: bool | None = None  # /docs, /redoc, /openapi.json; None: on unless an API key is set
     served_model_name: str | None = None  # the model id clients see; None: the checkpoint's dir name
+    # how token streams travel from LLMServer to the ingress: "grpc" = Serve's direct gRPC
+    # channel to the replica (fewer hops per item), "actor" = Ray actor calls (Serve's default)
+    handle_transport: str = "grpc"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "tensor_parallel_size", "min_replicas", "max_replicas",
@@ -109,6 +112,8 @@ class AppConfig:
                              f"({self.min_replicas})")
         if self.target_ongoing_requests <= 0:
             raise ValueError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        if self.handle_transport not in ("grpc", "actor"):
+            raise ValueError(f"handle_transport must be 'grpc' or 'actor', got {self.handle_transport!r}")
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {self.router!r}")
         for name in ("upscale_delay_s", "downscale_delay_s", "graceful_shutdown_timeout_s",
@@ -158,7 +163,8 @@ class AppConfig:
         api_key = self.api_key or api_key_from_env()
         docs = self.docs if self.docs is not None else api_key is None
         return {"api_key": api_key, "max_request_bytes": self.max_request_bytes, "docs": docs,
-                "served_model_name": self.served_model_name}
+                "served_model_name": self.served_model_name,
+                "handle_transport": self.handle_transport}
 
     def engine_args(self) -> dict[str, Any]:
         engine_fields = ("model", "dtype", "device", "max_model_len", "gpu_memory_utilization",

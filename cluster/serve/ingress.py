@@ -10,6 +10,7 @@ import time
 from pathlib import PurePath
 from typing import Any, AsyncIterator
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -34,6 +35,7 @@ app = FastAPI(title="raylm", description="OpenAI-compatible API of a raylm serve
 app.add_middleware(http_guard.RequestGuard)
 
 HEALTH_TIMEOUT_S = 5.0
+HANDLE_TRANSPORTS = ("grpc", "actor")
 _UNAVAILABLE = "the model replica is unavailable; retry shortly"
 _HTTP_KINDS = {401: "unauthenticated", 404: "not_found", 413: "too_large"}
 
@@ -73,6 +75,11 @@ def _handle_error(exc: BaseException) -> ServeError:
         return ServeError("resource_exhausted", "the server is overloaded, retry later")
     if isinstance(exc, RequestCancelledError):
         return ServeError("cancelled", "the request was cancelled")
+    if isinstance(exc, grpc.aio.AioRpcError):  # the replica's gRPC channel (handle_transport)
+        if exc.code() == grpc.StatusCode.CANCELLED:
+            return ServeError("cancelled", "the request was cancelled")
+        logger.warning("model replica unavailable: %s", exc.code())
+        return ServeError("unavailable", _UNAVAILABLE)
     if isinstance(exc, (RayActorError, DeploymentUnavailableError, EngineDeadError)):
         logger.warning("model replica unavailable: %s", exc)
         return ServeError("unavailable", _UNAVAILABLE)
@@ -91,10 +98,18 @@ def _set_status(grpc_context: "RayServegRPCContext", err: ServeError) -> None:
 class Ingress:
     def __init__(self, llm_server: DeploymentHandle, options: dict[str, Any] | None = None) -> None:
         """`options`: api_key (None = open), max_request_bytes, docs (serve /docs, /redoc and
-        /openapi.json), served_model_name (None = the checkpoint directory's name)."""
+        /openapi.json), served_model_name (None = the checkpoint directory's name),
+        handle_transport ("grpc" or "actor", see AppConfig.handle_transport)."""
         options = dict(options or {})
         self._served_name: str | None = options.pop("served_model_name", None)
+        transport = options.pop("handle_transport", "grpc")
+        if transport not in HANDLE_TRANSPORTS:
+            raise ValueError(f"handle_transport must be one of {HANDLE_TRANSPORTS}, got {transport!r}")
         self._llm = llm_server
+        # Token streams go over Serve's direct gRPC channel to the replica instead of Ray actor
+        # calls: each streamed item skips the object-store / core-worker path (about 1.3x the
+        # throughput at 32 streams on a 2-core box, README "Serving path").
+        self._llm_stream = llm_server.options(stream=True, _by_reference=transport == "actor")
         self._info: dict[str, Any] | None = None
         self._guard = http_guard.GuardSettings(**options)
         http_guard.configure(self._guard)
@@ -120,7 +135,7 @@ class Ingress:
 
     async def _items(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """LLMServer's step items; cancels the upstream request if the consumer goes away."""
-        stream = self._llm.options(stream=True).generate.remote(request)
+        stream = self._llm_stream.generate.remote(request)
         done = False
         try:
             async for item in stream:
