@@ -124,9 +124,31 @@ def test_app_args_are_checked():
         AppConfig.from_args({"max_num_seq": 4})  # typo of max_num_seqs
     with pytest.raises(ValueError, match="max_replicas"):
         AppConfig.from_args({"min_replicas": 3, "max_replicas": 2})
+    with pytest.raises(ValueError, match="handle_transport"):
+        AppConfig.from_args({"handle_transport": "zmq"})
+    assert AppConfig.from_args({}).ingress_options()["handle_transport"] == "grpc"
+    assert AppConfig.from_args({"handle_transport": "actor"}).ingress_options()[
+        "handle_transport"] == "actor"
+
+
+def test_replica_channel_errors_reach_clients_as_unavailable_or_cancelled():
+    """With handle_transport grpc a dead or unreachable replica surfaces as a grpc AioRpcError:
+    a client must see 503 / UNAVAILABLE (retry), a cancel stays a cancel, never a 500."""
+    import grpc
+
+    from raylm.cluster.serve.ingress import _handle_error
+
+    def rpc_error(code):
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "boom")
+
+    for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+        err = _handle_error(rpc_error(code))
+        assert err.kind == "unavailable" and err.http_status == 503 and "boom" not in err.message
+    assert _handle_error(rpc_error(grpc.StatusCode.CANCELLED)).kind == "cancelled"
 
 
 def test_dockerfile_builds_on_the_ray_image():
     text = (DEPLOY / "Dockerfile").read_text()
     assert "FROM rayproject/ray:" in text
     assert text.index("torch") < text.index('".[triton]"')  # torch first, then the project
+    assert "ENV RAY_SERVE_PROXY_USE_GRPC=1" in text  # the proxy reaches the ingress over gRPC
