@@ -30,14 +30,17 @@ def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.2) -> b
 def serve_session(model: str, env: dict[str, str] | None = None, num_cpus: int = 2,
                   **app_args: Any) -> Iterator[dict[str, Any]]:
     """Ray + Serve on loopback ports serving `model` (tiny, fp32, CPU) with `app_args`;
-    `env` is set while Ray starts, so its processes (the proxies) inherit it."""
+    `env` is set while Ray starts, so its processes (the proxies) inherit it, on top of the
+    serving-path environment `raylm serve` exports (proxy -> ingress over gRPC)."""
     import grpc
     import ray
     from ray import serve
 
     from raylm.cluster.serve.app import GRPC_SERVICER_FUNCTIONS, build_app
+    from raylm.cluster.serve.limits import serve_transport_env
     from raylm.proto import generation_pb2_grpc as pb_grpc
 
+    env = {**serve_transport_env(), **(env or {})}
     saved = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
     http_port, grpc_port = free_port(), free_port()

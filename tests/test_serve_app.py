@@ -3,6 +3,7 @@ against one Ray/Serve session serving a tiny llama."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import pathlib
 import socket
 import time
@@ -15,6 +16,7 @@ openai = pytest.importorskip("openai")
 from ray import serve  # noqa: E402
 
 from raylm.cluster.serve.app import GRPC_SERVICER_FUNCTIONS, build_app  # noqa: E402
+from raylm.cluster.serve.limits import serve_transport_env  # noqa: E402
 from raylm.proto import generation_pb2 as pb  # noqa: E402
 from raylm.proto import generation_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -42,6 +44,9 @@ def wait_until(predicate, timeout_s: float = 30.0) -> bool:
 def server(tiny_model):
     model = str(tiny_model("llama"))
     http_port, grpc_port = free_port(), free_port()
+    env = serve_transport_env()  # what `raylm serve` exports before Ray starts
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port},
@@ -64,6 +69,8 @@ def server(tiny_model):
     finally:
         serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def _greedy(max_tokens: int = 12, **extra) -> pb.SamplingOptions:
@@ -141,6 +148,11 @@ def test_http_errors_use_openai_format(server):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=server["model"], prompt="word " * 5000, max_tokens=4)
     assert "prompt" in str(info.value)
+    # A body larger than Serve's 4 MiB default for its replica gRPC channels (proxy -> ingress ->
+    # LLMServer) still gets the 400 that names the field, not a 500 from a transport.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=server["model"], prompt="word " * (1 << 20), max_tokens=4)
+    assert info.value.body["param"] == "prompt"
     # and the server keeps serving
     assert client.completions.create(model=server["model"], prompt=PROMPT, max_tokens=2).choices
 

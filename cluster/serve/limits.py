@@ -14,6 +14,15 @@ MAX_REQUEST_BYTES_ENV = "RAYLM_MAX_REQUEST_BYTES"
 # Serve's gRPC proxy sizes its server's receive limit from this variable (default 2 GiB).
 RAY_GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 API_KEY_ENV = "RAYLM_API_KEY"
+# Serve's replica-to-replica gRPC channels (the proxy -> ingress hop with
+# RAY_SERVE_PROXY_USE_GRPC=1, and the ingress -> LLMServer token streams with handle_transport
+# "grpc") refuse messages over this many bytes (Serve's default: 4 MiB). A request may be up to
+# max_request_bytes and a first stream item with prompt logprobs of a long context far more.
+RAY_REPLICA_GRPC_MESSAGE_ENV = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+REPLICA_GRPC_MESSAGE_BYTES = 512 << 20
+# Serve's proxy forwards to the ingress over gRPC instead of Ray actor calls (README "Serving
+# path": fewer hops per streamed item); "0" opts out.
+PROXY_USE_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
 
 
 def max_request_bytes_from_env() -> int:
@@ -29,10 +38,23 @@ def max_request_bytes_from_env() -> int:
     return value
 
 
+def replica_message_bytes(max_request_bytes: int) -> int:
+    return min(max(REPLICA_GRPC_MESSAGE_BYTES, 2 * max_request_bytes), (1 << 31) - 1)
+
+
+def serve_transport_env(max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> dict[str, str]:
+    """The environment raylm's serving path wants Serve's processes to start with (values the
+    caller's environment already sets win)."""
+    return {PROXY_USE_GRPC_ENV: os.environ.get(PROXY_USE_GRPC_ENV, "1"),
+            RAY_REPLICA_GRPC_MESSAGE_ENV: os.environ.get(
+                RAY_REPLICA_GRPC_MESSAGE_ENV, str(replica_message_bytes(max_request_bytes)))}
+
+
 def export_limits(max_request_bytes: int) -> None:
     """Before Ray starts: let the gRPC proxy (and grpc itself) refuse larger messages."""
     os.environ[MAX_REQUEST_BYTES_ENV] = str(max_request_bytes)
     os.environ[RAY_GRPC_MAX_MESSAGE_ENV] = str(max_request_bytes)
+    os.environ[RAY_REPLICA_GRPC_MESSAGE_ENV] = str(replica_message_bytes(max_request_bytes))
 
 
 def api_key_from_env() -> str | None:

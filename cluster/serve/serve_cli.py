@@ -15,13 +15,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from raylm.cluster.serve.limits import DEFAULT_MAX_REQUEST_BYTES, api_key_from_env, export_limits
+from raylm.cluster.serve.limits import (DEFAULT_MAX_REQUEST_BYTES, api_key_from_env, export_limits,
+                                       serve_transport_env)
 
 from raylm.cluster.cli import json_dict
 
 APP_NAME = "raylm"
 APP_IMPORT_PATH = "raylm.cluster.serve.app:build_app"
-PROXY_USE_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,9 +203,7 @@ def run(args: argparse.Namespace) -> int:
     if started_ray:
         if args.address is None:  # the Ray processes we start (the gRPC proxy) inherit these
             export_limits(args.max_request_bytes)
-            # Serve's proxy forwards to the ingress over gRPC instead of Ray actor calls:
-            # fewer hops per streamed item (README "Serving path"); set to 0 to opt out.
-            os.environ.setdefault(PROXY_USE_GRPC_ENV, "1")
+            os.environ.update(serve_transport_env(args.max_request_bytes))
         ray.init(address=args.address, num_cpus=args.num_cpus if args.address is None else None,
                  include_dashboard=False, log_to_driver=False, **_node_address(args))
     # After ray.init, which installs its own SIGTERM handler (it exits the driver at once):
