@@ -41,8 +41,8 @@ def serve_session(model: str, env: dict[str, str] | None = None, num_cpus: int =
     from raylm.proto import generation_pb2_grpc as pb_grpc
 
     env = {**serve_transport_env(), **(env or {})}
-    saved = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     http_port, grpc_port = free_port(), free_port()
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:

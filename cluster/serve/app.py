@@ -11,7 +11,8 @@ from ray import serve
 
 from raylm.cluster.serve.autoscaling import AutoscalingThresholds
 from raylm.cluster.serve.ingress import Ingress
-from raylm.cluster.serve.limits import DEFAULT_MAX_REQUEST_BYTES, api_key_from_env
+from raylm.cluster.serve.limits import (DEFAULT_MAX_REQUEST_BYTES, HANDLE_TRANSPORTS,
+                                       api_key_from_env)
 from raylm.cluster.serve.llm_server import LLMServer
 
 # raylm.v1.Generation with lenient parsing, plus grpc.health.v1 and reflection v1
@@ -112,8 +113,9 @@ class AppConfig:
                              f"({self.min_replicas})")
         if self.target_ongoing_requests <= 0:
             raise ValueError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
-        if self.handle_transport not in ("grpc", "actor"):
-            raise ValueError(f"handle_transport must be 'grpc' or 'actor', got {self.handle_transport!r}")
+        if self.handle_transport not in HANDLE_TRANSPORTS:
+            raise ValueError(f"handle_transport must be one of {HANDLE_TRANSPORTS}, "
+                             f"got {self.handle_transport!r}")
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {self.router!r}")
         for name in ("upscale_delay_s", "downscale_delay_s", "graceful_shutdown_timeout_s",

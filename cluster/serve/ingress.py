@@ -25,6 +25,7 @@ from raylm.cluster.errors import EngineDeadError
 from raylm.cluster.serve import grpc_servicer, http_guard, openai_routes
 from raylm.cluster.serve.errors import ServeError, error_from_exception
 from raylm.cluster.serve.grpc_services import InvalidMessage
+from raylm.cluster.serve.limits import HANDLE_TRANSPORTS
 from raylm.cluster.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                           TokenizeRequest)
 from raylm.proto import generation_pb2 as pb
@@ -35,7 +36,6 @@ app = FastAPI(title="raylm", description="OpenAI-compatible API of a raylm serve
 app.add_middleware(http_guard.RequestGuard)
 
 HEALTH_TIMEOUT_S = 5.0
-HANDLE_TRANSPORTS = ("grpc", "actor")
 _UNAVAILABLE = "the model replica is unavailable; retry shortly"
 _HTTP_KINDS = {401: "unauthenticated", 404: "not_found", 413: "too_large"}
 

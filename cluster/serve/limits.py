@@ -1,4 +1,5 @@
-"""Request-size limits shared by the HTTP and gRPC front doors, and where they are read.
+"""Request-size limits shared by the HTTP and gRPC front doors, where they are read, and the
+transport settings of the serving path (serve_transport_env, HANDLE_TRANSPORTS).
 
 The gRPC request parser runs inside Serve's gRPC proxy, a Ray actor that receives no raylm
 configuration; it reads the limit from the environment that `raylm serve` sets before it starts
@@ -23,6 +24,9 @@ REPLICA_GRPC_MESSAGE_BYTES = 512 << 20
 # Serve's proxy forwards to the ingress over gRPC instead of Ray actor calls (README "Serving
 # path": fewer hops per streamed item); "0" opts out.
 PROXY_USE_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
+# How token streams travel from LLMServer to the ingress (AppConfig.handle_transport): Serve's
+# direct gRPC channel to the replica, or Ray actor calls (Serve's default).
+HANDLE_TRANSPORTS = ("grpc", "actor")
 
 
 def max_request_bytes_from_env() -> int:
@@ -54,7 +58,6 @@ def export_limits(max_request_bytes: int) -> None:
     """Before Ray starts: let the gRPC proxy (and grpc itself) refuse larger messages."""
     os.environ[MAX_REQUEST_BYTES_ENV] = str(max_request_bytes)
     os.environ[RAY_GRPC_MAX_MESSAGE_ENV] = str(max_request_bytes)
-    os.environ[RAY_REPLICA_GRPC_MESSAGE_ENV] = str(replica_message_bytes(max_request_bytes))
 
 
 def api_key_from_env() -> str | None:

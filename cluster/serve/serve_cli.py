@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from raylm.cluster.serve.limits import (DEFAULT_MAX_REQUEST_BYTES, api_key_from_env, export_limits,
-                                       serve_transport_env)
+from raylm.cluster.serve.limits import (DEFAULT_MAX_REQUEST_BYTES, HANDLE_TRANSPORTS,
+                                       api_key_from_env, export_limits, serve_transport_env)
 
 from raylm.cluster.cli import json_dict
 
@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ones get 503 / UNAVAILABLE) before Serve and Ray stop")
     parser.add_argument("--served-model-name", default=None,
                         help="the model id clients see (default: the checkpoint directory's name)")
-    parser.add_argument("--handle-transport", choices=("grpc", "actor"), default="grpc",
+    parser.add_argument("--handle-transport", choices=HANDLE_TRANSPORTS, default="grpc",
                         help="how token streams travel from a model replica to the ingress: "
                              "Serve's direct gRPC channel (fewer hops per item) or Ray actor calls")
     parser.add_argument("--disable-docs", action="store_true",
