@@ -29,6 +29,25 @@ class Tokenizer(Protocol):
     def decode(self, ids: Any, skip_special_tokens: bool = ...) -> str: ...
 
 
+def fast_decode(tokenizer: Any):
+    """`tokenizer.decode`, or the Rust tokenizer's own decode where that is what the HF fast
+    tokenizer would do anyway: two decodes per generated token, and the HF wrapper's argument
+    handling costs several times the decode itself on short windows."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return tokenizer.decode
+    if not isinstance(tokenizer, TokenizersBackend) or \
+            type(tokenizer)._decode is not TokenizersBackend._decode:
+        return tokenizer.decode
+    backend = tokenizer.backend_tokenizer
+    cleans_up = tokenizer.clean_up_tokenization_spaces and not (
+        type(backend.model).__name__ == "BPE" and not getattr(
+            tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
+            False))
+    return tokenizer.decode if cleans_up else backend.decode
+
+
 class IncrementalDetokenizer:
     """Turns one sequence's generated token ids into text, step by step.
 
@@ -49,6 +68,7 @@ class IncrementalDetokenizer:
         min_tokens: int = 0,
     ) -> None:
         self._tokenizer = tokenizer
+        self._decode_ids = fast_decode(tokenizer)
         self._skip_special_tokens = skip_special_tokens
         self._stop = [s for s in (stop or []) if s]
         self._include_stop = include_stop_str_in_output
@@ -115,7 +135,7 @@ class IncrementalDetokenizer:
     # --- internals --------------------------------------------------------------------------
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+        return self._decode_ids(ids, skip_special_tokens=self._skip_special_tokens)
 
     def _decode_step(self) -> str:
         """New text from the token just appended, or "" while a character is incomplete."""

@@ -131,6 +131,65 @@ def test_app_args_are_checked():
         "handle_transport"] == "actor"
 
 
+def test_ingress_is_colocated_with_the_only_replica():
+    """One replica: the routes run inside it (no per-token hop); several: a separate Ingress
+    routes across them, and asking to colocate then is an error naming the field."""
+    from raylm.cluster.serve.app import AppConfig
+
+    assert AppConfig.from_args({}).colocate_ingress is True
+    assert AppConfig.from_args({"max_replicas": 2}).colocate_ingress is False
+    assert AppConfig.from_args({"min_replicas": 0}).colocate_ingress is False  # scales to zero
+    assert AppConfig.from_args({"colocate_ingress": False}).colocate_ingress is False
+    with pytest.raises(ValueError, match="colocate_ingress"):
+        AppConfig.from_args({"colocate_ingress": True, "max_replicas": 2})
+
+
+def test_local_handle_calls_like_a_deployment_handle():
+    """The colocated ingress calls the in-process LLMServer through the handle's surface:
+    awaitable calls (sync or async methods), streams that iterate and cancel (the generator's
+    cleanup runs: the engine aborts the request)."""
+    import asyncio
+
+    from raylm.cluster.serve.local_handle import LocalHandle
+
+    class Server:
+        def __init__(self):
+            self.closed = False
+
+        def check_health(self):
+            raise RuntimeError("engine down")
+
+        async def model_info(self):
+            return {"model": "m"}
+
+        async def generate(self, request):
+            try:
+                for i in range(request["n"]):
+                    yield {"i": i}
+            finally:
+                self.closed = True
+
+    async def main():
+        server = Server()
+        handle = LocalHandle(server).options(stream=False)
+        assert await handle.model_info.remote() == {"model": "m"}
+        call = handle.check_health.remote()  # raises when awaited, as a handle's response
+        with pytest.raises(RuntimeError, match="engine down"):
+            await call
+        items = [item async for item in handle.options(stream=True).generate.remote({"n": 3})]
+        assert items == [{"i": 0}, {"i": 1}, {"i": 2}] and server.closed
+        server.closed = False
+        stream = handle.generate.remote({"n": 100})
+        assert await stream.__anext__() == {"i": 0}
+        stream.cancel()
+        await asyncio.sleep(0.01)
+        assert server.closed
+        with pytest.raises(AttributeError):
+            handle._private  # noqa: B018
+
+    asyncio.run(main())
+
+
 def test_replica_channel_errors_reach_clients_as_unavailable_or_cancelled():
     """With handle_transport grpc a dead or unreachable replica surfaces as a grpc AioRpcError:
     a client must see 503 / UNAVAILABLE (retry), a cancel stays a cancel, never a 500."""

@@ -203,3 +203,25 @@ def test_stop_string_ignored_before_min_tokens(tokenizer: Tokenizer) -> None:
     detok = IncrementalDetokenizer(tokenizer, [], stop=["END"], min_tokens=3)
     deltas, hit = stream(detok, ids)
     assert hit == "END" and "".join(deltas) == "stop here STOP there, and "
+
+
+def test_fast_decode_equals_the_hf_tokenizer_decode(tokenizer: Tokenizer, tmp_path) -> None:
+    """The detokenizer decodes with the Rust tokenizer directly where the HF wrapper would do
+    the same; the text must not change (special tokens skipped or kept, split characters)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from raylm.cluster.detokenizer import fast_decode
+
+    for clean_up in (False, True):  # True: ignored for a BPE model, as HF does
+        hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS,
+                                     clean_up_tokenization_spaces=clean_up)
+        decode = fast_decode(hf)
+        assert decode == hf.backend_tokenizer.decode
+        rng = random.Random(clean_up)
+        for _ in range(200):
+            ids = [rng.randrange(tokenizer.get_vocab_size()) for _ in range(rng.randrange(1, 9))]
+            for skip in (True, False):
+                assert decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+    wordpiece = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")),
+                                        clean_up_tokenization_spaces=True)
+    assert fast_decode(wordpiece) == wordpiece.decode  # its cleanup is real: keep HF's path

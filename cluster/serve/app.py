@@ -101,6 +101,10 @@ class AppConfig:
     # how token streams travel from LLMServer to the ingress: "grpc" = Serve's direct gRPC
     # channel to the replica (fewer hops per item), "actor" = Ray actor calls (Serve's default)
     handle_transport: str = "grpc"
+    # the HTTP / gRPC routes inside the model replica (no ingress -> replica hop per streamed
+    # item): None = when the app has exactly one replica (min_replicas == max_replicas == 1);
+    # with several, a separate Ingress routes across them (prefix-aware)
+    colocate_ingress: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "tensor_parallel_size", "min_replicas", "max_replicas",
@@ -116,6 +120,11 @@ class AppConfig:
         if self.handle_transport not in HANDLE_TRANSPORTS:
             raise ValueError(f"handle_transport must be one of {HANDLE_TRANSPORTS}, "
                              f"got {self.handle_transport!r}")
+        if self.colocate_ingress is None:
+            object.__setattr__(self, "colocate_ingress", self.min_replicas == self.max_replicas == 1)
+        elif self.colocate_ingress and not self.min_replicas == self.max_replicas == 1:
+            raise ValueError("colocate_ingress needs exactly one replica (min_replicas = "
+                             "max_replicas = 1): several replicas need the Ingress to route")
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {self.router!r}")
         for name in ("upscale_delay_s", "downscale_delay_s", "graceful_shutdown_timeout_s",
@@ -226,17 +235,24 @@ class AppConfig:
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
-    """Ingress -> LLMServer (autoscaled, one placement group per replica)."""
+    """Ingress -> LLMServer (autoscaled, one placement group per replica); with one replica
+    and colocate_ingress, a single deployment named LLMServer that also serves the routes."""
     config = AppConfig.from_args(args)
-    llm_server = LLMServer.options(
-        autoscaling_config=config.autoscaling_config(),
+    replica = dict(
         placement_group_bundles=config.placement_group_bundles(),
         placement_group_strategy="STRICT_PACK",  # TP ranks share a node (NVLink)
         ray_actor_options=config.replica_actor_options(),
         max_ongoing_requests=config.max_ongoing_requests,
-        request_router_config=config.request_router_config(),
         graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
         # a draining replica checks once a second whether its last stream ended
         graceful_shutdown_wait_loop_s=1.0,
+    )
+    if config.colocate_ingress:
+        return Ingress.options(name="LLMServer", num_replicas=1, health_check_period_s=10,
+                               **replica).bind(None, config.ingress_options(), config.engine_args())
+    llm_server = LLMServer.options(
+        autoscaling_config=config.autoscaling_config(),
+        request_router_config=config.request_router_config(),
+        **replica,
     ).bind(config.engine_args())
     return Ingress.bind(llm_server, config.ingress_options())

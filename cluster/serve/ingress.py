@@ -96,15 +96,25 @@ def _set_status(grpc_context: "RayServegRPCContext", err: ServeError) -> None:
 @serve.deployment(name="Ingress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, llm_server: DeploymentHandle, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, llm_server: DeploymentHandle | None, options: dict[str, Any] | None = None,
+                 engine_args: dict[str, Any] | None = None) -> None:
         """`options`: api_key (None = open), max_request_bytes, docs (serve /docs, /redoc and
         /openapi.json), served_model_name (None = the checkpoint directory's name),
-        handle_transport ("grpc" or "actor", see AppConfig.handle_transport)."""
+        handle_transport ("grpc" or "actor", see AppConfig.handle_transport).
+        `engine_args` instead of a handle: this replica owns the model itself (the app's only
+        replica, AppConfig.colocate_ingress) and the routes call it in-process."""
         options = dict(options or {})
         self._served_name: str | None = options.pop("served_model_name", None)
         transport = options.pop("handle_transport", "grpc")
         if transport not in HANDLE_TRANSPORTS:
             raise ValueError(f"handle_transport must be one of {HANDLE_TRANSPORTS}, got {transport!r}")
+        if (llm_server is None) == (engine_args is None):
+            raise ValueError("Ingress takes either an LLMServer handle or engine_args")
+        if engine_args is not None:
+            from raylm.cluster.serve.llm_server import LLMServer
+            from raylm.cluster.serve.local_handle import LocalHandle
+
+            llm_server = LocalHandle(LLMServer.func_or_class(engine_args))
         self._llm = llm_server
         # Token streams go over Serve's direct gRPC channel to the replica instead of Ray actor
         # calls: each streamed item skips the object-store / core-worker path (about 1.3x the
@@ -267,6 +277,22 @@ class Ingress:
                                                                   body.tool_call_mode))
         finally:
             await rest.aclose()
+
+    # --- the replica's own (Serve's health check, the CLI) ---------------------------------
+
+    async def check_health(self) -> None:
+        """Serve's periodic check: with the model in this replica, its engine's; a separate
+        LLMServer replica is checked by Serve on its own."""
+        if isinstance(self._llm, DeploymentHandle):
+            return
+        await self._llm.check_health.remote()
+
+    async def get_stats(self) -> dict[str, Any]:
+        """The engine's counters (`raylm serve` waits on them while draining)."""
+        return await self._llm.get_stats.remote()
+
+    async def model_info(self) -> dict[str, Any]:
+        return await self._llm.model_info.remote()
 
     # --- gRPC: raylm.v1.Generation -------------------------------------------------------------
 
