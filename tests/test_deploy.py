@@ -131,17 +131,16 @@ def test_app_args_are_checked():
         "handle_transport"] == "actor"
 
 
-def test_ingress_is_colocated_with_the_only_replica():
-    """One replica: the routes run inside it (no per-token hop); several: a separate Ingress
-    routes across them, and asking to colocate then is an error naming the field."""
+def test_ingress_colocates_only_with_a_single_replica():
+    """The routes may run inside the model replica only when there is exactly one; several
+    need the separate Ingress to route across them (an error naming the field)."""
     from raylm.cluster.serve.app import AppConfig
 
-    assert AppConfig.from_args({}).colocate_ingress is True
-    assert AppConfig.from_args({"max_replicas": 2}).colocate_ingress is False
-    assert AppConfig.from_args({"min_replicas": 0}).colocate_ingress is False  # scales to zero
-    assert AppConfig.from_args({"colocate_ingress": False}).colocate_ingress is False
-    with pytest.raises(ValueError, match="colocate_ingress"):
-        AppConfig.from_args({"colocate_ingress": True, "max_replicas": 2})
+    assert AppConfig.from_args({}).colocate_ingress is False
+    assert AppConfig.from_args({"colocate_ingress": True}).colocate_ingress is True
+    for replicas in ({"max_replicas": 2}, {"min_replicas": 0}):  # autoscaled, scale-to-zero
+        with pytest.raises(ValueError, match="colocate_ingress"):
+            AppConfig.from_args({"colocate_ingress": True, **replicas})
 
 
 def test_local_handle_calls_like_a_deployment_handle():

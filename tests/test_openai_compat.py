@@ -1,6 +1,8 @@
 """OpenAI surface as real clients use it (issue 10): lm-eval's loglikelihood requests (echo +
 logprobs, max_tokens 0 or 1, token-id and string prompts, batched), vLLM's prompt_logprobs,
-unsupported or invalid fields refused by name, the served model name, max_tokens that cannot fit."""
+unsupported or invalid fields refused by name, the served model name, max_tokens that cannot fit.
+Served with the routes inside the model replica (colocate_ingress): one deployment, no ingress
+hop; the same answers as through a separate Ingress (tests/test_serve_app.py)."""
 from __future__ import annotations
 
 import pathlib
@@ -22,8 +24,27 @@ CONTEXT = 512
 @pytest.fixture(scope="module")
 def server(tiny_model):
     with serve_session(str(tiny_model("llama")), served_model_name=NAME,
-                       max_model_len=CONTEXT) as s:
+                       max_model_len=CONTEXT, colocate_ingress=True) as s:
         yield s
+
+
+def test_colocated_app_is_one_deployment_and_a_disconnect_frees_blocks(server):
+    """The routes live in the replica: Serve runs one deployment; a client leaving a stream
+    closes the in-process generator, so the engine aborts it and frees its blocks."""
+    from ray import serve
+
+    from serve_builders import APP, engine_idle, wait_until
+
+    assert list(serve.status().applications[APP].deployments) == ["LLMServer"]
+    body = {"model": NAME, "prompt": "The quick brown fox", "max_tokens": 400, "ignore_eos": True,
+            "stream": True, "temperature": 0}
+    with requests.post(server["http"] + "/v1/completions", json=body, stream=True, timeout=60) as resp:
+        assert resp.status_code == 200
+        for i, _line in enumerate(resp.iter_lines()):
+            if i >= 4:
+                break
+    assert wait_until(lambda: engine_idle(server["llm"]), timeout_s=30), \
+        server["llm"].get_stats.remote().result()
 
 
 def _post(server, path, body):

@@ -86,8 +86,7 @@ def test_models_and_health(server):
     # the id is the checkpoint directory's name, never its path (which stays accepted)
     assert [m.id for m in models.data] == [pathlib.Path(server["model"]).name]
     assert requests.get(server["http"] + "/health", timeout=30).status_code == 200
-    # one replica: the routes run inside it, a single deployment (no ingress hop per token)
-    assert list(serve.status().applications[APP].deployments) == ["LLMServer"]
+    assert sorted(serve.status().applications[APP].deployments) == ["Ingress", "LLMServer"]
 
 
 def test_completion_usage_and_streaming_matches(server):

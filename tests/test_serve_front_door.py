@@ -32,10 +32,8 @@ def server(tiny_model):
     env = {k: os.environ[k] for k in saved}
     for k, v in saved.items():  # serve_session sets them for Ray's start and restores them
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    # a separate Ingress (the path of multi-replica apps): the limits hold across its hop to
-    # the replica too (large bodies over Serve's replica gRPC channel)
     with serve_session(str(tiny_model("llama")), env=env, api_key=KEY,
-                       max_request_bytes=LIMIT, max_model_len=512, colocate_ingress=False) as s:
+                       max_request_bytes=LIMIT, max_model_len=512) as s:
         yield s
 
 

@@ -102,9 +102,11 @@ class AppConfig:
     # channel to the replica (fewer hops per item), "actor" = Ray actor calls (Serve's default)
     handle_transport: str = "grpc"
     # the HTTP / gRPC routes inside the model replica (no ingress -> replica hop per streamed
-    # item): None = when the app has exactly one replica (min_replicas == max_replicas == 1);
-    # with several, a separate Ingress routes across them (prefix-aware)
-    colocate_ingress: bool | None = None
+    # item; exactly one replica). Off by default: a replica that dies then takes its client
+    # connections with it (Serve's proxy cuts them: gRPC INTERNAL, an SSE stream without
+    # [DONE]) where a separate Ingress answers UNAVAILABLE / an SSE error event (README
+    # "Serving path")
+    colocate_ingress: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "tensor_parallel_size", "min_replicas", "max_replicas",
@@ -120,9 +122,7 @@ class AppConfig:
         if self.handle_transport not in HANDLE_TRANSPORTS:
             raise ValueError(f"handle_transport must be one of {HANDLE_TRANSPORTS}, "
                              f"got {self.handle_transport!r}")
-        if self.colocate_ingress is None:
-            object.__setattr__(self, "colocate_ingress", self.min_replicas == self.max_replicas == 1)
-        elif self.colocate_ingress and not self.min_replicas == self.max_replicas == 1:
+        if self.colocate_ingress and not self.min_replicas == self.max_replicas == 1:
             raise ValueError("colocate_ingress needs exactly one replica (min_replicas = "
                              "max_replicas = 1): several replicas need the Ingress to route")
         if self.router not in ROUTERS:

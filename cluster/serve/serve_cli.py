@@ -80,11 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--handle-transport", choices=HANDLE_TRANSPORTS, default="grpc",
                         help="how token streams travel from a model replica to the ingress: "
                              "Serve's direct gRPC channel (fewer hops per item) or Ray actor calls")
-    parser.add_argument("--ingress", choices=("auto", "colocated", "separate"), default="auto",
-                        help="where the HTTP / gRPC routes run: inside the model replica "
-                             "(colocated: no per-token hop between processes; one replica only) "
-                             "or in a separate Ingress deployment that routes across replicas; "
-                             "auto = colocated when there is exactly one replica")
+    parser.add_argument("--ingress", choices=("separate", "colocated"), default="separate",
+                        help="where the HTTP / gRPC routes run: a separate Ingress deployment "
+                             "(routes across replicas; a dead replica's streams end with "
+                             "UNAVAILABLE / an SSE error event) or inside the model replica "
+                             "(colocated: one replica only, one process hop less per streamed "
+                             "token; a dead replica's connections are cut)")
     parser.add_argument("--disable-docs", action="store_true",
                         help="turn off /docs, /redoc and /openapi.json (off anyway with an API key)")
     parser.add_argument("--config", default=None, type=Path,
@@ -144,7 +145,7 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
         "api_key": args.api_key or api_key_from_env(), "max_request_bytes": args.max_request_bytes,
         "docs": False if args.disable_docs else None, "served_model_name": args.served_model_name,
         "handle_transport": args.handle_transport,
-        "colocate_ingress": {"auto": None, "colocated": True, "separate": False}[args.ingress],
+        "colocate_ingress": args.ingress == "colocated",
     }
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
