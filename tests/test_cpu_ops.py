@@ -55,6 +55,19 @@ def test_mixed_batch_matches_reference(block_size, num_kv_heads, group, head_dim
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)  # fp32
 
 
+@pytest.mark.parametrize("head_dim", [32, 80, 96, 128, 256])
+def test_every_vector_head_size_matches_reference(head_dim):
+    """Each head size has its own register blocking (rows of P.V per pass): prefill tiles of
+    odd row counts and decodes, fp32 and bf16 caches."""
+    q_lens, s_lens = [1, 13, 1, 21], [37, 13, 50, 40]
+    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-5)):
+        query, k_cache, v_cache, meta = _case(q_lens, s_lens, 16, 2, 3, head_dim)
+        k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
+        ref = paged_attention_ref(query, k_cache.float(), v_cache.float(), meta, scale=0.11)
+        out = paged_attention_cpu(query, k_cache, v_cache, meta, scale=0.11)
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("num_kv_heads,group", [(2, 1), (2, 2), (2, 4), (1, 8)])
 def test_16bit_cache_matches_reference(cache_dtype, num_kv_heads, group):

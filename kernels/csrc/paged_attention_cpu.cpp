@@ -157,6 +157,55 @@ inline float exp_chunk(float* s, float m, int num_valid) {
 #endif
 }
 
+#if defined(__AVX512F__)
+// acc[r] += sum_{j < n} p[r][j] vf[j] for rows [rb, re); ROWS rows' accumulators in registers,
+// each widened value vector loaded once per ROWS rows.
+template <int NV, int ROWS>
+inline void add_pv_avx512(const float* p, int rb, int re, const float* vf, int n, float* acc) {
+  int r = rb;
+  for (; r + ROWS <= re; r += ROWS) {
+    __m512 a[ROWS][NV];
+    for (int k = 0; k < ROWS; ++k)
+      for (int c = 0; c < NV; ++c) a[k][c] = _mm512_load_ps(acc + (r + k) * NV * 16 + 16 * c);
+    for (int j = 0; j < n; ++j) {
+      __m512 pj[ROWS];
+      for (int k = 0; k < ROWS; ++k) pj[k] = _mm512_set1_ps(p[(r + k) * kChunk + j]);
+      for (int c = 0; c < NV; ++c) {
+        const __m512 v = _mm512_load_ps(vf + j * NV * 16 + 16 * c);
+        for (int k = 0; k < ROWS; ++k) a[k][c] = _mm512_fmadd_ps(pj[k], v, a[k][c]);
+      }
+    }
+    for (int k = 0; k < ROWS; ++k)
+      for (int c = 0; c < NV; ++c) _mm512_store_ps(acc + (r + k) * NV * 16 + 16 * c, a[k][c]);
+  }
+  if (r < re) add_pv_avx512<NV, 1>(p, r, re, vf, n, acc);
+}
+#endif
+
+inline void add_pv(const float* p, int rb, int re, const float* vf, int n, int d, float* acc) {
+#if defined(__AVX512F__)
+  switch (d) {
+    case 32: return add_pv_avx512<2, 4>(p, rb, re, vf, n, acc);
+    case 64: return add_pv_avx512<4, 4>(p, rb, re, vf, n, acc);
+    case 80: return add_pv_avx512<5, 4>(p, rb, re, vf, n, acc);
+    case 96: return add_pv_avx512<6, 3>(p, rb, re, vf, n, acc);
+    case 128: return add_pv_avx512<8, 2>(p, rb, re, vf, n, acc);
+    case 256: return add_pv_avx512<16, 1>(p, rb, re, vf, n, acc);
+    default: break;
+  }
+#endif
+  for (int r = rb; r < re; ++r) {
+    float* ar = acc + r * d;
+    for (int j = 0; j < n; ++j) {
+      const float pj = p[r * kChunk + j];
+      if (pj == 0.f) continue;  // masked (causal) lanes
+      const float* vj = vf + j * d;
+#pragma omp simd
+      for (int i = 0; i < d; ++i) ar[i] += pj * vj[i];
+    }
+  }
+}
+
 // ---- one work item ---------------------------------------------------------------------------
 // Rows of an item: r = head * rows_per_head + token * group + query head within the group, for
 // its num_kv consecutive KV heads. Several KV heads per item (decode at large batch) read each
@@ -241,21 +290,16 @@ void run_item(const Args& a, const Item& it, const T* kp, const T* vp) {
         for (int64_t i = 0; i < d; ++i) ar[i] *= alpha;
       }
     }
-    // acc[r] += sum_j p[r][j] v[j]: each value row streamed once for all rows of its head.
-    for (int j = 0; j < n; ++j) {
-      for (int h = 0; h < it.num_kv; ++h) {
+    // acc[r] += sum_j p[r][j] v[j]: the chunk's value rows widened once per head, then added
+    // into a few rows at a time held in registers (masked lanes carry p = 0).
+    for (int h = 0; h < it.num_kv; ++h) {
+      alignas(64) float vf[kChunk * kMaxHeadDim];
+      for (int j = 0; j < n; ++j) {
         const T* vj = vc + j * a.token_stride + h * d;
-        alignas(64) float vf[kMaxHeadDim];
 #pragma omp simd
-        for (int64_t i = 0; i < d; ++i) vf[i] = static_cast<float>(vj[i]);
-        for (int r = h * rph + r0; r < (h + 1) * rph; ++r) {
-          const float p = s[r * kChunk + j];
-          if (p == 0.f) continue;  // masked (causal) lanes
-          float* ar = acc + r * d;
-#pragma omp simd
-          for (int64_t i = 0; i < d; ++i) ar[i] += p * vf[i];
-        }
+        for (int64_t i = 0; i < d; ++i) vf[j * d + i] = static_cast<float>(vj[i]);
       }
+      add_pv(s, h * rph + r0, (h + 1) * rph, vf, n, (int)d, acc);
     }
     c0 += n;
   }
