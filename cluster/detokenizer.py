@@ -67,7 +67,6 @@ class IncrementalDetokenizer:
         include_stop_str_in_output: bool = False,
         min_tokens: int = 0,
     ) -> None:
-        self._tokenizer = tokenizer
         self._decode_ids = fast_decode(tokenizer)
         self._skip_special_tokens = skip_special_tokens
         self._stop = [s for s in (stop or []) if s]

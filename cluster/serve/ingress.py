@@ -110,7 +110,8 @@ class Ingress:
             raise ValueError(f"handle_transport must be one of {HANDLE_TRANSPORTS}, got {transport!r}")
         if (llm_server is None) == (engine_args is None):
             raise ValueError("Ingress takes either an LLMServer handle or engine_args")
-        if engine_args is not None:
+        self._colocated = engine_args is not None
+        if self._colocated:
             from raylm.cluster.serve.llm_server import LLMServer
             from raylm.cluster.serve.local_handle import LocalHandle
 
@@ -283,9 +284,8 @@ class Ingress:
     async def check_health(self) -> None:
         """Serve's periodic check: with the model in this replica, its engine's; a separate
         LLMServer replica is checked by Serve on its own."""
-        if isinstance(self._llm, DeploymentHandle):
-            return
-        await self._llm.check_health.remote()
+        if self._colocated:
+            await self._llm.check_health.remote()
 
     async def get_stats(self) -> dict[str, Any]:
         """The engine's counters (`raylm serve` waits on them while draining)."""
