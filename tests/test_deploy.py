@@ -208,5 +208,5 @@ def test_replica_channel_errors_reach_clients_as_unavailable_or_cancelled():
 def test_dockerfile_builds_on_the_ray_image():
     text = (DEPLOY / "Dockerfile").read_text()
     assert "FROM rayproject/ray:" in text
-    assert text.index("torch") < text.index('".[triton]"')  # torch first, then the project
+    assert text.index("torch") < text.index('".[triton,haproxy]"')  # torch first, then the project
     assert "ENV RAY_SERVE_PROXY_USE_GRPC=1" in text  # the proxy reaches the ingress over gRPC
