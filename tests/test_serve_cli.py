@@ -383,3 +383,26 @@ def test_replica_and_router_flags_map_to_app_args():
         app_args(parser.parse_args(["--replicas", "0"]))
     with pytest.raises(ValueError, match="router"):
         AppConfig(device="cpu", router="random")
+
+
+def test_proxy_env_names_what_is_missing(monkeypatch):
+    """`--proxy haproxy` refuses, naming the flag, where it could not take effect."""
+    import ray
+
+    from raylm.cluster.serve import front_proxy
+
+    assert front_proxy.proxy_env("serve", joining_cluster=True) == {}
+    monkeypatch.setattr(front_proxy, "haproxy_available", lambda: True)
+    monkeypatch.delenv(front_proxy.DRAIN_PERIOD_ENV, raising=False)
+    assert front_proxy.proxy_env("haproxy", joining_cluster=False) == {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1", front_proxy.DRAIN_PERIOD_ENV: "2"}
+    monkeypatch.setenv(front_proxy.DRAIN_PERIOD_ENV, "30")  # the caller's own setting wins
+    assert front_proxy.proxy_env("haproxy", joining_cluster=False)[front_proxy.DRAIN_PERIOD_ENV] == "30"
+    monkeypatch.setattr(front_proxy, "haproxy_available", lambda: False)
+    with pytest.raises(ValueError, match="--proxy haproxy needs an HAProxy binary"):
+        front_proxy.proxy_env("haproxy", joining_cluster=False)
+    monkeypatch.setattr(ray, "__version__", "2.54.1rc0")
+    with pytest.raises(ValueError, match=r"--proxy haproxy needs Ray >= 2.55.*2.54.1rc0"):
+        front_proxy.proxy_env("haproxy", joining_cluster=False)
+    with pytest.raises(ValueError, match="--proxy must be one of"):
+        front_proxy.proxy_env("envoy", joining_cluster=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 
 import ray
@@ -36,7 +37,8 @@ def haproxy_available() -> bool:
 
 
 def proxy_env(proxy: str, joining_cluster: bool) -> dict[str, str]:
-    """The environment the local Ray's processes need for `proxy` (values already set win)."""
+    """The environment the local Ray's processes need for `proxy` (a drain period the caller's
+    environment already sets wins)."""
     if proxy not in PROXIES:
         raise ValueError(f"--proxy must be one of {PROXIES}, got {proxy!r}")
     if proxy == "serve":
@@ -56,5 +58,6 @@ def proxy_env(proxy: str, joining_cluster: bool) -> dict[str, str]:
 
 
 def _ray_version() -> tuple[int, int]:
-    major, minor = ray.__version__.split(".")[:2]
+    """(major, minor) of the installed Ray; "2.55.0rc1" and "3.0.0.dev0" parse too."""
+    major, minor = re.match(r"(\d+)\.(\d+)", ray.__version__).groups()
     return int(major), int(minor)
