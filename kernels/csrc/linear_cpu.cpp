@@ -1,8 +1,18 @@
 // Small-batch linear on CPU (fp32): y[M, N] = x[M, K] @ W[N, K]^T (+ bias), for the few-row
 // decode steps where the library GEMM reaches only part of the memory bandwidth. Each weight
-// row is streamed once and dotted with every input row while it is in registers/L1. Above 8
-// rows a task's weight tile (sized to L1) is reused from cache by each group of 8 input rows;
-// whether that beats the BLAS GEMM is measured per shape at start-up (kernels/linear_plan.py).
+// row is streamed once and dotted with every input row while it is in registers/L1; weights are
+// used as stored ([out, in]), never re-packed.
+//
+// Two things decide the speed at these row counts (measured on a 2-core AVX-512 VM, a sweep over
+// the bench model's 8 layers + LM head, 166 MB of weights):
+// - the weight stream must not stall: the hardware prefetcher stops at every 4 KiB page (two
+//   rows of a 512-wide weight), so the kernel prefetches the rows a few register tiles ahead in
+//   software. Without it the loads and the FMAs take turns: 8 rows took 11.4 ms, with it 5.7;
+// - above 8 rows a task's weight tile is reused from L1 by each group of input rows; the group
+//   and the tile are sized so that both fit L1 together (a group of 8 rows of a 1536-wide input
+//   alone fills it), and a tile is a whole number of register tiles (a leftover weight row uses a
+//   one-row register tile, not a scalar loop).
+// Whether this beats the BLAS GEMM is measured per shape at start-up (kernels/linear_plan.py).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -13,64 +23,81 @@
 
 namespace {
 constexpr int64_t kMaxRows = 64;
-constexpr int64_t kRowsPerGroup = 8;   // input rows held per pass over a weight tile
-constexpr int64_t kRowsPerTask = 64;  // weight rows per parallel task (<= 8 input rows)
-constexpr int64_t kTileBytes = 32 << 10;  // weight tile re-read per input group (> 8 rows)
+constexpr int64_t kMaxGroup = 8;          // input rows held in registers per pass
+constexpr int64_t kRowsPerTask = 64;      // weight rows per parallel task (<= 8 input rows)
+constexpr int64_t kGroupBytes = 16 << 10;  // an input group's share of L1 (> 8 rows)
+constexpr int64_t kTileBytes = 16 << 10;   // a weight tile's share of L1 (> 8 rows)
+constexpr int64_t kPrefetchTiles = 2;     // register tiles of weight rows prefetched ahead
 
-#if defined(__AVX512F__)
 // Weight rows per register tile for M input rows: M * NR accumulators + NR weight vectors fit
 // the 32 vector registers, and NR independent streams keep the loads in flight.
 template <int M>
 constexpr int tile_rows() { return M <= 2 ? 8 : (M <= 4 ? 4 : 2); }
 
-// y[m, n..n+NR) for NR weight rows at a time; k % 16 == 0. Returns the first row not done.
-template <int M>
-int64_t rows_avx512(const float* x, int64_t x_stride, const float* w, int64_t k,
-                    const float* bias, float* y, int64_t y_stride, int64_t n_begin,
-                    int64_t n_end) {
-  constexpr int NR = tile_rows<M>();
-  int64_t n = n_begin;
-  for (; n + NR <= n_end; n += NR) {
-    __m512 acc[M][NR];
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
-    const float* wn = w + n * k;
-    for (int64_t i = 0; i < k; i += 16) {
-      __m512 wv[NR];
-      for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_ps(wn + r * k + i);
-      for (int m = 0; m < M; ++m) {
-        const __m512 xv = _mm512_loadu_ps(x + m * x_stride + i);
-        for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
-      }
+#if defined(__AVX512F__)
+// y[m, n..n+NR) for M input rows and the NR weight rows at wn; any k (the tail is masked).
+// pf: the same rows of a later tile, prefetched while this one computes (nullptr: none).
+template <int M, int NR>
+inline void tile_avx512(const float* x, int64_t x_stride, const float* wn, int64_t k,
+                        const float* bias, float* y, int64_t y_stride, int64_t n,
+                        const float* pf) {
+  __m512 acc[M][NR];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    if (pf)
+      for (int r = 0; r < NR; ++r) _mm_prefetch((const char*)(pf + r * k + i), _MM_HINT_T0);
+    __m512 wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_ps(wn + r * k + i);
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * x_stride + i);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
     }
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < NR; ++r)
-        y[m * y_stride + n + r] = _mm512_reduce_add_ps(acc[m][r]) + (bias ? bias[n + r] : 0.f);
   }
-  return n;
+  if (i < k) {
+    const __mmask16 mask = (__mmask16)((1u << (k - i)) - 1);
+    __m512 wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, wn + r * k + i);
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * x_stride + i);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < NR; ++r)
+      y[m * y_stride + n + r] = _mm512_reduce_add_ps(acc[m][r]) + (bias ? bias[n + r] : 0.f);
 }
 #endif
 
+// y[0..M, n_begin..n_end) of a weight with n_total rows; prefetch_ahead: how many weight rows
+// ahead to prefetch (0 when the rows are already in cache).
 template <int M>
 void rows_kernel(const float* x, int64_t x_stride, const float* w, int64_t k, const float* bias,
-                 float* y, int64_t y_stride, int64_t n_begin, int64_t n_end) {
+                 float* y, int64_t n_total, int64_t n_begin, int64_t n_end,
+                 int64_t prefetch_ahead) {
 #if defined(__AVX512F__)
-  if (k % 16 == 0) n_begin = rows_avx512<M>(x, x_stride, w, k, bias, y, y_stride, n_begin, n_end);
-#endif
+  constexpr int NR = tile_rows<M>();
+  int64_t n = n_begin;
+  for (; n + NR <= n_end; n += NR) {
+    const bool pf = prefetch_ahead > 0 && n + prefetch_ahead + NR <= n_total;
+    tile_avx512<M, NR>(x, x_stride, w + n * k, k, bias, y, n_total, n,
+                       pf ? w + (n + prefetch_ahead) * k : nullptr);
+  }
+  for (; n < n_end; ++n) tile_avx512<M, 1>(x, x_stride, w + n * k, k, bias, y, n_total, n, nullptr);
+#else
   for (int64_t n = n_begin; n < n_end; ++n) {
     const float* wn = w + n * k;
-    float acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    const float b = bias ? bias[n] : 0.f;
     for (int m = 0; m < M; ++m) {
       const float* xm = x + m * x_stride;
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
       for (int64_t i = 0; i < k; ++i) s += xm[i] * wn[i];
-      acc[m] = s;
+      y[m * n_total + n] = s + b;
     }
-    const float b = bias ? bias[n] : 0.f;
-    for (int m = 0; m < M; ++m) y[m * y_stride + n] = acc[m] + b;
   }
+#endif
 }
 
 template <int M>
@@ -80,33 +107,41 @@ void run(const float* x, int64_t x_stride, const float* w, int64_t n, int64_t k,
 #pragma omp parallel for schedule(static) if (n * k >= (1 << 18))
   for (int64_t t = 0; t < num_tasks; ++t) {
     const int64_t begin = t * kRowsPerTask, end = std::min(n, begin + kRowsPerTask);
-    rows_kernel<M>(x, x_stride, w, k, bias, y, n, begin, end);
+    rows_kernel<M>(x, x_stride, w, k, bias, y, n, begin, end, kPrefetchTiles * tile_rows<M>());
   }
 }
 
-// m > 8 rows: tiles of weight rows; each tile is read from memory once and from L1/L2 by every
-// group of 8 input rows.
+void group_kernel(int64_t rows, const float* x, int64_t x_stride, const float* w, int64_t k,
+                  const float* bias, float* y, int64_t n, int64_t begin, int64_t end,
+                  int64_t prefetch_ahead) {
+  switch (rows) {
+    case 1: rows_kernel<1>(x, x_stride, w, k, bias, y, n, begin, end, prefetch_ahead); break;
+    case 2: rows_kernel<2>(x, x_stride, w, k, bias, y, n, begin, end, prefetch_ahead); break;
+    case 3: rows_kernel<3>(x, x_stride, w, k, bias, y, n, begin, end, prefetch_ahead); break;
+    case 4: rows_kernel<4>(x, x_stride, w, k, bias, y, n, begin, end, prefetch_ahead); break;
+    case 5: rows_kernel<5>(x, x_stride, w, k, bias, y, n, begin, end, prefetch_ahead); break;
+    case 6: rows_kernel<6>(x, x_stride, w, k, bias, y, n, begin, end, prefetch_ahead); break;
+    case 7: rows_kernel<7>(x, x_stride, w, k, bias, y, n, begin, end, prefetch_ahead); break;
+    default: rows_kernel<8>(x, x_stride, w, k, bias, y, n, begin, end, prefetch_ahead); break;
+  }
+}
+
+// m > 8 rows: tiles of weight rows; each tile is read from memory once (the next tile is
+// prefetched meanwhile) and from L1 by every later group of input rows.
 void run_many(const float* x, int64_t x_stride, int64_t m, const float* w, int64_t n, int64_t k,
               const float* bias, float* y) {
-  const int64_t tile = std::max<int64_t>(4, kTileBytes / (k * (int64_t)sizeof(float)));
+  const int64_t row_bytes = k * (int64_t)sizeof(float);
+  int64_t group = kMaxGroup;
+  while (group > 1 && group * row_bytes > kGroupBytes) group /= 2;
+  // a multiple of every register tile height (8, 4, 2), so no leftover row inside a tile
+  const int64_t tile = std::max<int64_t>(8, kTileBytes / row_bytes / 8 * 8);
   const int64_t num_tasks = (n + tile - 1) / tile;
 #pragma omp parallel for schedule(static) if (m * n * k >= (1 << 18))
   for (int64_t t = 0; t < num_tasks; ++t) {
     const int64_t begin = t * tile, end = std::min(n, begin + tile);
-    for (int64_t r = 0; r < m; r += kRowsPerGroup) {
-      const float* xr = x + r * x_stride;
-      float* yr = y + r * n;
-      switch (std::min(kRowsPerGroup, m - r)) {
-        case 1: rows_kernel<1>(xr, x_stride, w, k, bias, yr, n, begin, end); break;
-        case 2: rows_kernel<2>(xr, x_stride, w, k, bias, yr, n, begin, end); break;
-        case 3: rows_kernel<3>(xr, x_stride, w, k, bias, yr, n, begin, end); break;
-        case 4: rows_kernel<4>(xr, x_stride, w, k, bias, yr, n, begin, end); break;
-        case 5: rows_kernel<5>(xr, x_stride, w, k, bias, yr, n, begin, end); break;
-        case 6: rows_kernel<6>(xr, x_stride, w, k, bias, yr, n, begin, end); break;
-        case 7: rows_kernel<7>(xr, x_stride, w, k, bias, yr, n, begin, end); break;
-        default: rows_kernel<8>(xr, x_stride, w, k, bias, yr, n, begin, end); break;
-      }
-    }
+    for (int64_t r = 0; r < m; r += group)
+      group_kernel(std::min(group, m - r), x + r * x_stride, x_stride, w, k, bias, y + r * n, n,
+                   begin, end, r == 0 ? tile : 0);
   }
 }
 }  // namespace
