@@ -54,10 +54,12 @@ class TorchBackend:
 
 
 class CpuBackend(TorchBackend):
-    """The CPU path: the reference ops, with fp32 attention read in place by a compiled op
-    (kernels/attention_cpu.py) instead of gathered copies; anything else falls back."""
+    """The CPU path: compiled ops (kernels/csrc) where the inputs allow, the reference ops
+    otherwise: attention read in place (kernels/attention_cpu.py) instead of gathered copies,
+    the KV write as one scatter pass, fused norms and rotary."""
 
     name = "cpu"
+    _KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
     def __init__(self, impl: str = "tiled") -> None:
         from raylm.kernels import attention_cpu
@@ -71,6 +73,13 @@ class CpuBackend(TorchBackend):
     def prepare(self, meta: AttentionMetadata) -> None:
         if not self._available:
             super().prepare(meta)
+
+    def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        if (self._fused(key, value) and k_cache.dtype in self._KV_DTYPES
+                and k_cache.is_contiguous() and v_cache.is_contiguous()):
+            self._ext.write_kv_cpu(key, value, k_cache, v_cache, slot_mapping)
+        else:
+            write_kv_ref(key, value, k_cache, v_cache, slot_mapping)
 
     def attention(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         if self._available and self._ops.supports(query, k_cache, self._impl):

@@ -11,6 +11,8 @@ from raylm.kernels.attention_cpu import paged_attention_cpu
 from raylm.kernels.cpu_ops import load_extension
 from raylm.kernels.linear import linear
 from raylm.kernels.attention_ref import paged_attention_ref
+from raylm.kernels.backend import CpuBackend
+from raylm.kernels.kv_write_ref import write_kv_ref
 from raylm.kernels.metadata import AttentionMetadata
 
 pytestmark = pytest.mark.skipif(load_extension() is None, reason="no C++ toolchain to build it")
@@ -128,6 +130,30 @@ def test_streaming_linear_matches_torch(rows, in_features, with_bias):
     torch.testing.assert_close(ext.linear_small_batch(wide, w, b),
                                torch.nn.functional.linear(wide, w, b), **tol)
     torch.testing.assert_close(linear(wide, w, b), torch.nn.functional.linear(wide, w, b), **tol)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_tokens", [1, 7, 130])
+def test_kv_write_matches_reference(cache_dtype, num_tokens):
+    """The compiled scatter writes what the torch reference writes: k/v as strided views of a
+    fused qkv row, padding slots (-1) skipped, every cache dtype; the rest of the cache stays."""
+    g = torch.Generator().manual_seed(num_tokens)
+    blocks, block_size, kv_heads, head_dim = 20, 16, 2, 64
+    qkv = torch.randn(num_tokens, (4 + 2 * kv_heads) * head_dim, generator=g)
+    k = qkv[:, 4 * head_dim:(4 + kv_heads) * head_dim].view(num_tokens, kv_heads, head_dim)
+    v = qkv[:, (4 + kv_heads) * head_dim:].view(num_tokens, kv_heads, head_dim)
+    slots = torch.randperm(blocks * block_size, generator=g)[:num_tokens]
+    slots[::3] = -1
+    caches = [torch.randn(blocks, block_size, kv_heads, head_dim, generator=g).to(cache_dtype)
+              for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    write_kv_ref(k, v, *expected, slots)
+    backend = CpuBackend()
+    backend.write_kv(k, v, *caches, slots)
+    for got, want in zip(caches, expected):
+        assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        load_extension().write_kv_cpu(k, v, *caches, torch.full_like(slots, blocks * block_size))
 
 
 def test_linear_plan_is_measured_per_shape_and_bucket():

@@ -159,10 +159,11 @@ def run(args: argparse.Namespace) -> int:
         info, 1, args.prompt_len, args.output_len, args.seed, fixed_lengths=True
     )[0]
     device = roofline.bench_device()
-    logger.info("measuring the %s memory bandwidth", device)
-    bandwidth = roofline.memory_bandwidth(device)
     counts = roofline.count_params(args.model)
     weight_bytes = counts.decode_weight_bytes(args.dtype)
+    logger.info("measuring the %s memory bandwidth over %.1f MB (the decode weights' size)",
+                device, weight_bytes / 1e6)
+    bandwidth = roofline.memory_bandwidth(device, num_bytes=weight_bytes)
     floor_s = weight_bytes / bandwidth
 
     measured = {}

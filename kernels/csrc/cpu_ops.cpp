@@ -19,6 +19,8 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_cpu(torch::Tensor x, torch
 void rotary_cpu(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
                 torch::Tensor cos_sin_cache);
 torch::Tensor silu_and_mul_cpu(torch::Tensor x);
+void write_kv_cpu(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
+                  torch::Tensor v_cache, torch::Tensor slot_mapping);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_cpu", &paged_attention_cpu, "paged attention, mixed batch, tiled + GQA-grouped, CPU");
@@ -29,4 +31,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_cpu", &add_rms_norm_cpu, "residual += x; RMSNorm(residual), CPU fp32");
   m.def("rotary_cpu", &rotary_cpu, "neox rotary in place on q and k, CPU fp32");
   m.def("silu_and_mul_cpu", &silu_and_mul_cpu, "silu(gate) * up, CPU fp32");
+  m.def("write_kv_cpu", &write_kv_cpu, "scatter k/v rows into the paged cache, CPU");
 }
