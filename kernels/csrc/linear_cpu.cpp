@@ -7,7 +7,9 @@
 // the bench model's 8 layers + LM head, 166 MB of weights):
 // - the weight stream must not stall: the hardware prefetcher stops at every 4 KiB page (two
 //   rows of a 512-wide weight), so the kernel prefetches the rows a few register tiles ahead in
-//   software. Without it the loads and the FMAs take turns: 8 rows took 11.4 ms, with it 5.7;
+//   software, into L2 (prefetching into L1 measured 10-15 % slower at 8-32 rows; a
+//   non-temporal hint 4x slower). Without it the loads and the FMAs take turns: 8 rows took
+//   11.4 ms, with it 4.4;
 // - above 8 rows a task's weight tile is reused from L1 by each group of input rows; the group
 //   and the tile are sized so that both fit L1 together (a group of 8 rows of a 1536-wide input
 //   alone fills it), and a tile is a whole number of register tiles (a leftover weight row uses a
@@ -47,7 +49,7 @@ inline void tile_avx512(const float* x, int64_t x_stride, const float* wn, int64
   int64_t i = 0;
   for (; i + 16 <= k; i += 16) {
     if (pf)
-      for (int r = 0; r < NR; ++r) _mm_prefetch((const char*)(pf + r * k + i), _MM_HINT_T0);
+      for (int r = 0; r < NR; ++r) _mm_prefetch((const char*)(pf + r * k + i), _MM_HINT_T1);
     __m512 wv[NR];
     for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_ps(wn + r * k + i);
     for (int m = 0; m < M; ++m) {
