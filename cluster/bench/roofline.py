@@ -3,7 +3,8 @@
 Benchmarks judge a result against what the machine can do, not against a feeling (STYLE.md):
 prefill-heavy throughput against the matmul FLOP/s, batch-1 decode against the time it takes to
 stream the weights once from memory. Both hardware figures are measured here, on this machine, in
-this process, best of several runs (the least disturbed one), and cached for the process.
+this process, best of several runs (the least disturbed one: on a shared VM other tenants'
+load moves a best-of-5 by 20-40 %, so 15 GEMM and 20 bandwidth runs), and cached for the process.
 
 Model cost definitions (printed by the commands):
 - parameters are split into the input embedding (a gather, no FLOPs), the LM head (vocab x hidden,
@@ -78,7 +79,7 @@ def matmul_flops(
     dtype: str = "float32",
     hidden_size: int | None = None,
     intermediate_size: int | None = None,
-    repeats: int = 5,
+    repeats: int = 15,
 ) -> float:
     """Peak measured torch.mm FLOP/s: the best over a square 2048 GEMM and the model's MLP GEMMs.
 
@@ -105,7 +106,8 @@ def matmul_flops(
 
 
 @functools.lru_cache(maxsize=None)
-def memory_bandwidth(device: str = "cpu", num_bytes: int | None = None, repeats: int = 5) -> float:
+def memory_bandwidth(device: str = "cpu", num_bytes: int | None = None,
+                     repeats: int = 20) -> float:
     """Measured streaming memory bandwidth in bytes/s: the best of several ways to stream a
     buffer, so that the floor is what the machine can do, not what one library kernel does:
     a full-tensor sum (read only), a tensor copy (read + write bytes), a matrix-vector product
