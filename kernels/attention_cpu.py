@@ -17,11 +17,12 @@ from raylm.kernels.metadata import AttentionMetadata
 IMPLS = ("tiled", "legacy")
 MAX_GROUP = {"tiled": 32, "legacy": 16}  # query heads per KV head the kernels hold
 MAX_HEAD_DIM = 256
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the compiled ops read/write
 
 
 def supports(query: torch.Tensor, k_cache: torch.Tensor, impl: str = "tiled") -> bool:
     return (query.device.type == "cpu" and query.dtype == torch.float32
-            and k_cache.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and k_cache.dtype in CACHE_DTYPES
             and query.shape[1] // k_cache.shape[2] <= MAX_GROUP[impl]
             and query.shape[2] <= MAX_HEAD_DIM)
 

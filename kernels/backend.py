@@ -59,7 +59,6 @@ class CpuBackend(TorchBackend):
     the KV write as one scatter pass, fused norms and rotary."""
 
     name = "cpu"
-    _KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
     def __init__(self, impl: str = "tiled") -> None:
         from raylm.kernels import attention_cpu
@@ -75,7 +74,7 @@ class CpuBackend(TorchBackend):
             super().prepare(meta)
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
-        if (self._fused(key, value) and k_cache.dtype in self._KV_DTYPES
+        if (self._fused(key, value) and k_cache.dtype in self._ops.CACHE_DTYPES
                 and k_cache.is_contiguous() and v_cache.is_contiguous()):
             self._ext.write_kv_cpu(key, value, k_cache, v_cache, slot_mapping)
         else:
