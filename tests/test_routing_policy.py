@@ -7,7 +7,8 @@ import pytest
 
 from raylm.cluster.serve.prefix_hash import (CHUNK_CHARS, PrefixIndex, index_capacity,
                                              request_prefix_digests)
-from raylm.cluster.serve.routing_policy import ReplicaLoad, RouterConfig, choose, prefix_match
+from raylm.cluster.serve.routing_policy import (ReplicaLoad, RouterConfig, InFlight, choose,
+                                                prefix_match)
 
 SYSTEM = "You are a terse assistant for the ACME support desk. " * 40  # ~2,100 characters
 
@@ -57,6 +58,48 @@ def test_overloaded_prefix_replica_is_skipped():
     # a full KV cache there counts as overloaded too, if another replica has room
     kv = [ReplicaLoad("r0", 0, 0.97), ReplicaLoad("r1", 0, 0.2)]
     assert choose(digests, kv, held, cfg, random.Random(0)).reason == "prefix-overloaded"
+
+
+def test_a_burst_against_stale_reports_spills_once_the_holder_is_past_the_threshold():
+    """12 requests sharing a prefix are chosen before any new report arrives (and before Serve's
+    queue-length cache hears of them): counting each choice as in flight makes the holder look
+    loaded after `imbalance_threshold` of them, so the rest spill to the other replica."""
+    digests = request_prefix_digests({"prompt": SYSTEM})
+    held = {"r0": set(digests)}
+    cfg, rng, inflight = RouterConfig(imbalance_threshold=2), random.Random(0), InFlight()
+    chosen = []
+    for i in range(12):
+        loads = [ReplicaLoad(r, inflight.count(r)) for r in ("r0", "r1")]  # reports: idle
+        first = choose(digests, loads, held, cfg, rng).ranks[0][0]
+        inflight.add(f"q{i}", first)
+        chosen.append(first)
+    assert chosen[:3] == ["r0"] * 3 and chosen.count("r1") >= 4, chosen
+    assert inflight.count("r0") == chosen.count("r0") and len(inflight) == 12
+
+
+def test_requests_one_after_another_stay_on_the_holder():
+    """Completed requests are uncounted: a sequential client never looks like a burst."""
+    digests = request_prefix_digests({"prompt": SYSTEM})
+    cfg, rng, inflight = RouterConfig(imbalance_threshold=2), random.Random(0), InFlight()
+    for i in range(20):
+        loads = [ReplicaLoad(r, inflight.count(r)) for r in ("r0", "r1")]
+        assert choose(digests, loads, {"r0": set(digests)}, cfg, rng).ranks[0] == ["r0"]
+        inflight.add(f"q{i}", "r0")
+        inflight.done(f"q{i}")
+    assert len(inflight) == 0 and inflight.count("r0") == 0
+
+
+def test_in_flight_moves_with_the_request_and_forgets_dead_replicas():
+    inflight = InFlight()
+    inflight.add("a", "r0")
+    inflight.add("b", "r0")
+    inflight.add("a", "r1")  # r0 rejected it, Serve sent it to r1
+    assert (inflight.count("r0"), inflight.count("r1")) == (1, 1)
+    inflight.done("a")
+    inflight.done("a")  # a second completion (a rejected attempt's callback) is harmless
+    assert (inflight.count("r0"), inflight.count("r1")) == (1, 0)
+    inflight.forget_replica("r0")
+    assert inflight.count("r0") == 0 and len(inflight) == 0
 
 
 def test_no_prefix_is_power_of_two_on_load():

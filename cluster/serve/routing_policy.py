@@ -48,6 +48,47 @@ class Decision:
     match_chunks: int = 0
 
 
+class InFlight:
+    """Requests this router chose a replica for and has not seen complete, per replica.
+
+    A replica's report (running + waiting) is up to one report period old, and Serve's
+    queue-length cache is bumped only after the routing loop hands a request over, which can be
+    after it has chosen for a whole burst: 12 requests arriving together were all ranked against
+    the same stale loads and all sent to the prefix holder. Counting each choice at once, and
+    uncounting it when the request completes, makes a burst's later requests see the earlier
+    ones. Bounded by the requests in flight: the router drops those cancelled before sending."""
+
+    def __init__(self) -> None:
+        self._where: dict[str, str] = {}  # request id -> replica id
+        self._counts: dict[str, int] = {}  # replica id -> requests in flight there
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def count(self, replica_id: str) -> int:
+        return self._counts.get(replica_id, 0)
+
+    def add(self, request_id: str, replica_id: str) -> None:
+        """Chosen (or re-chosen after a rejection, or routed elsewhere in the end)."""
+        self.done(request_id)
+        self._where[request_id] = replica_id
+        self._counts[replica_id] = self._counts.get(replica_id, 0) + 1
+
+    def done(self, request_id: str) -> None:
+        replica_id = self._where.pop(request_id, None)
+        if replica_id is None:
+            return
+        left = self._counts[replica_id] - 1
+        if left:
+            self._counts[replica_id] = left
+        else:
+            del self._counts[replica_id]
+
+    def forget_replica(self, replica_id: str) -> None:
+        for request_id in [r for r, where in self._where.items() if where == replica_id]:
+            self.done(request_id)
+
+
 def prefix_match(digests: Sequence[int], held: Collection[int]) -> int:
     """How many leading digests of the request a replica holds (a chain: stop at the first miss)."""
     num = 0
