@@ -28,6 +28,7 @@ from raylm.workers.layers.linear import (
 from raylm.workers.layers.norm import RMSNorm
 from raylm.workers.layers.parallel import TPGroup
 from raylm.workers.layers.rotary import RotaryEmbedding, rope_parameters
+from raylm.workers.models.llama_cpu_step import LlamaCpuStep
 
 logger = logging.getLogger(__name__)
 
@@ -156,10 +157,15 @@ class LlamaModel(torch.nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend=backend, dtype=dtype,
                             device=device)
+        self._cpu_step: LlamaCpuStep | None | bool = None  # built at the first step; False: never
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        if self._cpu_step is None:
+            self._cpu_step = LlamaCpuStep.build(self) or False
+        if self._cpu_step and self._cpu_step.can_run(hidden.shape[0], kv_caches):
+            return self._cpu_step(hidden, positions, kv_caches, meta)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)

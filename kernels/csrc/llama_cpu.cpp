@@ -1,0 +1,122 @@
+// The Llama family's decoder stack as one compiled call on CPU fp32 (the CPU analogue of the CUDA
+// graph the GPU path replays): the same ops the Python modules call, in the same order, without
+// ~14 Python-level dispatches per layer. workers/models/llama_cpu_step.py decides when it runs.
+#include <torch/extension.h>
+
+#include <tuple>
+#include <vector>
+
+torch::Tensor paged_attention_cpu(torch::Tensor query, torch::Tensor k_cache,
+                                  torch::Tensor v_cache, torch::Tensor block_tables,
+                                  torch::Tensor seq_lens, torch::Tensor query_start_loc,
+                                  double scale);
+torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w,
+                                 c10::optional<torch::Tensor> bias);
+torch::Tensor rms_norm_cpu(torch::Tensor x, torch::Tensor w, double eps);
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_cpu(torch::Tensor x, torch::Tensor residual,
+                                                          torch::Tensor w, double eps);
+void rotary_cpu(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
+                torch::Tensor cos_sin_cache);
+torch::Tensor silu_and_mul_cpu(torch::Tensor x);
+void write_kv_cpu(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
+                  torch::Tensor v_cache, torch::Tensor slot_mapping);
+
+namespace {
+using OptTensor = c10::optional<torch::Tensor>;
+
+// Bits of forward()'s stream_mask: which projections take the streaming few-row kernel this step
+// (kernels/linear_plan.py decides per row count and shape); the others take the BLAS GEMM.
+enum StreamBit : int64_t { kQKV = 1, kO = 2, kGateUp = 4, kDown = 8 };
+
+struct Layer {
+  torch::Tensor input_norm, post_norm, qkv_w, o_w, gate_up_w, down_w;  // weights [out, in]
+  OptTensor qkv_b, o_b, gate_up_b, down_b, q_norm, k_norm;
+};
+
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const OptTensor& b,
+                     bool stream) {
+  return stream ? linear_small_batch(x, w, b) : at::linear(x, w, b);
+}
+
+torch::Tensor required(const OptTensor& t, const char* name) {
+  TORCH_CHECK(t.has_value(), "LlamaStepCpu: missing ", name);
+  return *t;
+}
+}  // namespace
+
+class LlamaStepCpu {
+ public:
+  // layers[i] = [input_norm, post_norm, qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w,
+  //              down_b, q_norm, k_norm] (None where the model has no such tensor)
+  LlamaStepCpu(const std::vector<std::vector<OptTensor>>& layers, torch::Tensor final_norm,
+               torch::Tensor cos_sin_cache, int64_t num_heads, int64_t num_kv_heads,
+               int64_t head_dim, double eps, double scale)
+      : final_norm_(final_norm), cos_sin_(cos_sin_cache), num_heads_(num_heads),
+        num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps), scale_(scale) {
+    for (const auto& t : layers) {
+      TORCH_CHECK(t.size() == 12, "LlamaStepCpu: 12 tensors per layer");
+      layers_.push_back({required(t[0], "input_norm"), required(t[1], "post_norm"),
+                         required(t[2], "qkv weight"), required(t[4], "o weight"),
+                         required(t[6], "gate_up weight"), required(t[8], "down weight"), t[3],
+                         t[5], t[7], t[9], t[10], t[11]});
+    }
+  }
+
+  // hidden: [T, hidden] embeddings (consumed: it becomes the residual stream);
+  // returns the final normed hidden states [T, hidden].
+  torch::Tensor forward(torch::Tensor hidden, torch::Tensor positions,
+                        const std::vector<torch::Tensor>& k_caches,
+                        const std::vector<torch::Tensor>& v_caches, torch::Tensor slot_mapping,
+                        torch::Tensor block_tables, torch::Tensor seq_lens,
+                        torch::Tensor query_start_loc, int64_t stream_mask) const {
+    TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(),
+                "LlamaStepCpu: one k and one v cache per layer");
+    const int64_t T = hidden.size(0);
+    const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
+    torch::Tensor residual;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const Layer& L = layers_[i];
+      if (i == 0) {
+        residual = hidden;
+        hidden = rms_norm_cpu(hidden, L.input_norm, eps_);
+      } else {
+        std::tie(hidden, residual) = add_rms_norm_cpu(hidden, residual, L.input_norm, eps_);
+      }
+      // attention: [T, (H + 2 Hk) * D] -> q/k/v views, no copies
+      auto qkv = linear(hidden, L.qkv_w, L.qkv_b, stream_mask & kQKV);
+      auto q = qkv.narrow(1, 0, q_size).view({T, num_heads_, head_dim_});
+      auto k = qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads_, head_dim_});
+      auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads_, head_dim_});
+      if (L.q_norm.has_value()) {  // Qwen3: RMSNorm per head before rotary
+        q = rms_norm_cpu(q.reshape({-1, head_dim_}), *L.q_norm, eps_).view(q.sizes());
+        k = rms_norm_cpu(k.reshape({-1, head_dim_}), required(L.k_norm, "k_norm"), eps_)
+                .view(k.sizes());
+      }
+      rotary_cpu(positions, q, k, cos_sin_);
+      write_kv_cpu(k, v, k_caches[i], v_caches[i], slot_mapping);
+      auto attn = paged_attention_cpu(q, k_caches[i], v_caches[i], block_tables, seq_lens,
+                                      query_start_loc, scale_);  // [T, H, D]
+      hidden = linear(attn.reshape({T, q_size}), L.o_w, L.o_b, stream_mask & kO);
+      std::tie(hidden, residual) = add_rms_norm_cpu(hidden, residual, L.post_norm, eps_);
+      // gated MLP
+      auto gate_up = linear(hidden, L.gate_up_w, L.gate_up_b, stream_mask & kGateUp);
+      hidden = linear(silu_and_mul_cpu(gate_up), L.down_w, L.down_b, stream_mask & kDown);
+    }
+    return std::get<0>(add_rms_norm_cpu(hidden, residual, final_norm_, eps_));
+  }
+
+ private:
+  std::vector<Layer> layers_;
+  torch::Tensor final_norm_, cos_sin_;
+  int64_t num_heads_, num_kv_heads_, head_dim_;
+  double eps_, scale_;
+};
+
+void bind_llama_cpu(pybind11::module& m) {
+  pybind11::class_<LlamaStepCpu>(m, "LlamaStepCpu")
+      .def(pybind11::init<const std::vector<std::vector<OptTensor>>&, torch::Tensor,
+                          torch::Tensor, int64_t, int64_t, int64_t, double, double>())
+      // no Python objects are touched inside: other threads (the server's event loop) run
+      // while a step computes
+      .def("forward", &LlamaStepCpu::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+}

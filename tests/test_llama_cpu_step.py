@@ -1,0 +1,65 @@
+"""The compiled CPU decoder stack (workers/models/llama_cpu_step.py) against the module path:
+the same kernels in the same order, so hidden states and KV caches are bitwise equal, for every
+family member's variant (q/k/v bias, per-head q/k norm, GQA), mixed prefill + decode steps,
+streaming and GEMM row counts, fp32 and bf16 KV caches."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raylm.kernels.backend import CpuBackend
+from raylm.kernels.cpu_ops import load_extension
+from raylm.workers.loader import load_model
+from raylm.workers.models.llama_cpu_step import LlamaCpuStep
+from tests.test_models import PagedRunner, _tokens
+
+pytestmark = pytest.mark.skipif(load_extension() is None, reason="no C++ compiler")
+
+
+def _steps(vocab_size: int) -> list[list[tuple[int, list[int]]]]:
+    a, b, c = (_tokens(n, vocab_size, seed) for n, seed in ((90, 1), (12, 2), (7, 3)))
+    return [
+        [(0, a[:20]), (1, b[:11])],  # two prefills: 31 rows
+        [(0, a[20:85]), (1, b[11:12]), (2, c)],  # a chunk starting mid-block + decode + prompt
+        [(0, [a[85]]), (1, [a[86]]), (2, [a[87]])],  # decode, 3 rows
+        [(0, [a[88]])],  # batch-1 decode
+        [(1, a[:2]), (2, a[2:4]), (0, [a[89]])],  # 5 rows
+    ]
+
+
+def _run(model, kv_dtype: torch.dtype, fused: bool) -> tuple[list[torch.Tensor], list]:
+    model.model._cpu_step = None if fused else False
+    runner = PagedRunner(model, seed=3)
+    runner.backend = CpuBackend()
+    runner.kv_caches = [(k.to(kv_dtype), v.to(kv_dtype)) for k, v in runner.kv_caches]
+    outs = [runner.forward(chunks) for chunks in _steps(model.vocab_size)]
+    assert isinstance(model.model._cpu_step, LlamaCpuStep) == fused
+    return outs, runner.kv_caches
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_compiled_stack_equals_the_module_path(tiny_model, arch, kv_dtype):
+    model = load_model(tiny_model(arch), dtype=torch.float32, device="cpu", backend=CpuBackend())
+    fused_out, fused_kv = _run(model, kv_dtype, fused=True)
+    module_out, module_kv = _run(model, kv_dtype, fused=False)
+    for step, (got, want) in enumerate(zip(fused_out, module_out)):
+        assert torch.equal(got, want), f"step {step}: {(got - want).abs().max().item()}"
+    for (k1, v1), (k2, v2) in zip(fused_kv, module_kv):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def test_the_module_path_is_kept_where_the_stack_cannot_run(tiny_model, monkeypatch):
+    from raylm.kernels.backend import TorchBackend
+
+    model = load_model(tiny_model("llama"), dtype=torch.float32, device="cpu",
+                       backend=TorchBackend())
+    assert LlamaCpuStep.build(model.model) is None  # the reference backend: module by module
+    model = load_model(tiny_model("llama"), dtype=torch.float32, device="cpu",
+                       backend=CpuBackend())
+    assert isinstance(LlamaCpuStep.build(model.model), LlamaCpuStep)
+    monkeypatch.setenv("RAYLM_CPU_FUSED_STEP", "0")
+    assert LlamaCpuStep.build(model.model) is None
+    monkeypatch.setenv("RAYLM_CPU_FUSED_STEP", "yes")
+    with pytest.raises(ValueError, match="RAYLM_CPU_FUSED_STEP"):
+        LlamaCpuStep.build(model.model)

@@ -1,0 +1,122 @@
+"""The Llama family's decoder stack as one compiled call on CPU (kernels/csrc/llama_cpu.cpp).
+
+The CPU analogue of the GPU path's CUDA graphs: a batch-1 decode step on CPU spends as long in
+Python dispatch (~14 module and op calls per layer, each 10-20 us once a weight stream has
+evicted the interpreter from L2) as in everything but the weight reads. The compiled stack runs
+the same kernels in the same order (the outputs are bitwise those of the module path), so it is
+used for every step it can run: one rank (no all-reduce inside), fp32 weights, the compiled CPU
+backend. The weights are captured when it is built (the first step), like a graph capture.
+
+``RAYLM_CPU_FUSED_STEP=0`` (read here only) keeps the module path, for A/B runs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from raylm.kernels import attention_cpu
+from raylm.kernels.cpu_ops import load_extension
+from raylm.kernels.linear_plan import use_streaming
+from raylm.kernels.metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+ENV = "RAYLM_CPU_FUSED_STEP"
+# bits of LlamaStepCpu.forward's stream_mask, in the order of _projections()
+_STREAM_BITS = (1, 2, 4, 8)
+
+
+def enabled() -> bool:
+    value = os.environ.get(ENV, "").strip().lower() or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _why_not(model) -> str | None:
+    """None when the compiled stack can run ``model`` (a LlamaModel), else the reason."""
+    from raylm.kernels.backend import CpuBackend
+
+    layer = model.layers[0]
+    attn = layer.self_attn
+    backend = attn.attn.backend
+    if not enabled():
+        return f"{ENV}=0"
+    if not isinstance(backend, CpuBackend) or backend._impl != "tiled" or load_extension() is None:
+        return "not the compiled CPU backend"
+    if attn.qkv_proj.tp.size != 1:
+        return "tensor parallel (the all-reduce runs between the layer's ops)"
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous()
+           for p in model.parameters()):
+        return "weights not contiguous fp32 on CPU"
+    if attn.num_heads // attn.num_kv_heads > attention_cpu.MAX_GROUP["tiled"] \
+            or attn.head_dim > attention_cpu.MAX_HEAD_DIM:
+        return "attention shape outside the compiled kernel"
+    cache = attn.rotary_emb.cos_sin_cache
+    if cache.dtype != torch.float32 or not cache.is_contiguous():
+        return "rotary cache not contiguous fp32"
+    return None
+
+
+def _projections(layer) -> tuple:
+    return (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+            layer.mlp.down_proj)
+
+
+class LlamaCpuStep:
+    """Runs LlamaModel's decoder layers and final norm as one call; :meth:`build` returns None
+    where it cannot (and says why, once)."""
+
+    def __init__(self, model) -> None:
+        def weight(module):
+            return None if module is None else module.weight.detach()
+
+        def bias(linear):
+            return None if linear.bias is None else linear.bias.detach()
+
+        layers = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, o, gate_up, down = _projections(layer)
+            layers.append([
+                weight(layer.input_layernorm), weight(layer.post_attention_layernorm),
+                weight(qkv), bias(qkv), weight(o), bias(o), weight(gate_up), bias(gate_up),
+                weight(down), bias(down),
+                weight(attn.q_norm) if attn.qk_norm else None,
+                weight(attn.k_norm) if attn.qk_norm else None,
+            ])
+        attn = model.layers[0].self_attn
+        self._shapes = [(p.weight.shape[1], p.weight.shape[0]) for p in _projections(model.layers[0])]
+        self._step = load_extension().LlamaStepCpu(
+            layers, model.norm.weight.detach(), attn.rotary_emb.cos_sin_cache, attn.num_heads,
+            attn.num_kv_heads, attn.head_dim, model.norm.eps, attn.attn.scale)
+
+    @classmethod
+    def build(cls, model) -> "LlamaCpuStep | None":
+        reason = _why_not(model)
+        if reason is not None:
+            logger.info("decoder layers run module by module (%s)", reason)
+            return None
+        logger.info("decoder layers run as one compiled CPU call (%d layers)", len(model.layers))
+        return cls(model)
+
+    @staticmethod
+    def can_run(num_tokens: int, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        k_cache = kv_caches[0][0]
+        return (num_tokens > 0 and k_cache.dtype in attention_cpu.CACHE_DTYPES
+                and k_cache.is_contiguous())
+
+    def __call__(self, hidden: torch.Tensor,  # [num_tokens, hidden] embeddings (consumed)
+                 positions: torch.Tensor,  # [num_tokens] int64
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 meta: AttentionMetadata) -> torch.Tensor:  # [num_tokens, hidden], final-normed
+        rows = hidden.shape[0]
+        mask = 0
+        for bit, (in_features, out_features) in zip(_STREAM_BITS, self._shapes):
+            if use_streaming(rows, in_features, out_features):
+                mask |= bit
+        return self._step.forward(hidden, positions, [k for k, _ in kv_caches],
+                                  [v for _, v in kv_caches], meta.slot_mapping,
+                                  meta.block_tables, meta.seq_lens, meta.query_start_loc, mask)
