@@ -71,7 +71,7 @@ class RayExecutor(Executor):
                 runtime_env={"env_vars": env} if env else None,
                 name=self._actor_names[rank],  # findable by operators and tests
                 namespace=WORKER_NAMESPACE,
-            ).remote(rank, tp))
+            ).remote(rank, tp, model_thread=True))
         try:
             self._start(config, bundles, on_gpu)
         except BaseException:

@@ -180,3 +180,49 @@ def test_stream_interval_batches_deltas_without_losing_tokens(tiny_model):
         assert deltas == [1, 4, 4, 4] and tokens == last.outputs[0].token_ids
     finally:
         eng.shutdown()
+
+
+def test_the_model_is_built_and_stepped_on_the_step_thread_only(tiny_model, monkeypatch):
+    """Every OpenMP region must start on one thread: libgomp stops spinning between regions once
+    two threads own pools on a small box, and each region then pays a wake-up (a batch-1 step
+    was 50 % slower with the model loaded on the caller's thread)."""
+    import threading
+
+    from raylm.cluster import executor
+
+    seen = []
+    init, execute = executor.InProcessExecutor.__init__, executor.InProcessExecutor.execute
+
+    def recording_init(self, *args, **kwargs):
+        seen.append(("build", threading.current_thread().name))
+        init(self, *args, **kwargs)
+
+    def recording_execute(self, *args, **kwargs):
+        seen.append(("step", threading.current_thread().name))
+        return execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(executor.InProcessExecutor, "__init__", recording_init)
+    monkeypatch.setattr(executor.InProcessExecutor, "execute", recording_execute)
+    eng = AsyncEngine(str(tiny_model("llama")), dtype="float32")
+    try:
+        async def main():
+            params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+            return [out async for out in eng.generate("Once upon a time", params)]
+
+        assert asyncio.run(main())[-1].finished
+    finally:
+        eng.shutdown()
+    assert seen[0][0] == "build" and any(kind == "step" for kind, _ in seen)
+    assert {name for _, name in seen} == {"raylm-step-loop"}, seen
+
+
+def test_a_failed_build_raises_in_the_caller_and_leaves_no_step_thread(tmp_path):
+    import threading
+
+    def step_threads() -> int:
+        return sum(t.name == "raylm-step-loop" for t in threading.enumerate())
+
+    before = step_threads()  # other tests' engines
+    with pytest.raises(ValueError, match="no-such-model"):
+        AsyncEngine(str(tmp_path / "no-such-model"), dtype="float32")
+    assert step_threads() == before

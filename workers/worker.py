@@ -5,9 +5,16 @@ Start-up is phased so the executor can agree on one KV pool for the whole group:
 ``init_distributed`` -> ``load_model`` (returns this rank's KV capacity in blocks) ->
 ``initialize_kv_cache(min over ranks)``. Then ``run_loop`` serves steps from the group's
 shared-memory channel until told to stop; only rank 0 answers (it is the rank that samples).
+
+As a Ray actor (``model_thread=True``) every call that touches the model or the CPU settings runs
+on one thread of the worker's own: Ray runs a threaded actor's calls on whichever of its threads
+is free, and libgomp keeps a thread pool per thread that starts parallel regions (two pools on a
+rank's cores stop spinning between regions, each region then starts with a wake-up), and the CPU
+pinning of ``set_cpu_threads`` holds only for the thread that set it and the threads it starts.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import socket
@@ -29,11 +36,13 @@ OK, PONG, ERROR = "ok", "pong", "error"
 
 
 class Worker:
-    def __init__(self, rank: int, tp_size: int) -> None:
+    def __init__(self, rank: int, tp_size: int, model_thread: bool = False) -> None:
         self.rank = rank
         self.tp_size = tp_size
         self.runner = None
         self.tp_group = None
+        self._model_thread = (concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"raylm-rank{rank}") if model_thread else None)
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO,
                                 format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
@@ -59,8 +68,16 @@ class Worker:
         """A no-op call (the dispatch benchmark times a plain Ray call with it)."""
         return self.rank
 
+    def _on_model_thread(self, fn, *args, **kwargs):
+        if self._model_thread is None:
+            return fn(*args, **kwargs)
+        return self._model_thread.submit(fn, *args, **kwargs).result()
+
     def set_cpu_threads(self, num_threads: int, cpu_ids: list[int] | None) -> None:
         """Compute with this rank's share of the node's cores (pinned when ``cpu_ids``)."""
+        self._on_model_thread(self._set_cpu_threads, num_threads, cpu_ids)
+
+    def _set_cpu_threads(self, num_threads: int, cpu_ids: list[int] | None) -> None:
         if cpu_ids:
             os.sched_setaffinity(0, cpu_ids)
         torch.set_num_threads(max(1, num_threads))
@@ -68,6 +85,9 @@ class Worker:
     def init_distributed(self, init_method: str, backend: str, timeout_s: float = 600.0) -> None:
         """Join the group's torch.distributed process group (NCCL on CUDA, gloo on CPU) through
         ``init_method`` (a file:// rendezvous on the group's node, unique per group)."""
+        self._on_model_thread(self._init_distributed, init_method, backend, timeout_s)
+
+    def _init_distributed(self, init_method: str, backend: str, timeout_s: float) -> None:
         import datetime
 
         import torch.distributed as dist
@@ -85,6 +105,11 @@ class Worker:
     def load_model(self, model_config: ModelConfig, cache_config: CacheConfig, *,
                    max_num_batched_tokens: int, max_num_seqs: int) -> int:
         """Load this rank's weight shards; returns how many KV blocks this rank can hold."""
+        return self._on_model_thread(self._load_model, model_config, cache_config,
+                                     max_num_batched_tokens, max_num_seqs)
+
+    def _load_model(self, model_config: ModelConfig, cache_config: CacheConfig,
+                    max_num_batched_tokens: int, max_num_seqs: int) -> int:
         from raylm.workers.model_runner import ModelRunner
 
         self.runner = ModelRunner(model_config, cache_config,
@@ -94,11 +119,14 @@ class Worker:
         return self.runner.determine_num_blocks()
 
     def initialize_kv_cache(self, num_blocks: int) -> dict[str, Any]:
+        return self._on_model_thread(self._initialize_kv_cache, num_blocks)
+
+    def _initialize_kv_cache(self, num_blocks: int) -> dict[str, Any]:
         self.runner.initialize_kv_cache(num_blocks)
         return self.runner.info()
 
     def execute(self, inp: ModelInput) -> ModelOutput | None:
-        return self.runner.execute(inp)
+        return self._on_model_thread(self.runner.execute, inp)
 
     def all_reduce_latency(self, numel: int, num_iters: int) -> float:
         """Median seconds of one all-reduce of ``numel`` elements of the model's dtype (every
@@ -122,7 +150,8 @@ class Worker:
     # -- the step loop (Ray actor) -----------------------------------------------------------
     def run_loop(self, inbox_handle: dict, outbox_handle: dict | None) -> None:
         """Serve steps until STOP (see serve_channel); only rank 0 answers."""
-        serve_channel(self.execute, self.rank, inbox_handle, outbox_handle, f"rank {self.rank}")
+        self._on_model_thread(serve_channel, self.runner.execute, self.rank, inbox_handle,
+                              outbox_handle, f"rank {self.rank}")
 
 
 def serve_channel(handler, reader_index: int, inbox_handle: dict, outbox_handle: dict | None,
