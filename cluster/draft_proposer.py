@@ -112,7 +112,7 @@ def _start_actor(pg, args, kwargs, on_gpu: bool):
         num_cpus=0, num_gpus=DRAFT_GPU_SHARE if on_gpu else 0, max_concurrency=2,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
         name=f"raylm-draft-{uuid.uuid4().hex[:8]}", namespace=WORKER_NAMESPACE,
-    ).remote(*args, **kwargs)
+    ).remote(*args, model_thread=True, **kwargs)
     ray.get(actor.__ray_ready__.remote())
     return actor, ChannelClient([actor], "draft")
 

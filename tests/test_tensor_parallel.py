@@ -139,3 +139,24 @@ def test_the_control_channel_answers_pings(tiny_model):
         # A functional bound only (figures come from `raylm bench dispatch`): an empty message
         # reaches both ranks and rank 0's answer comes back, 200 times in a row.
         assert len(round_trips) == 200 and round_trips[100] < 0.05
+
+
+def test_a_ray_worker_runs_every_model_call_on_one_thread_of_its_own():
+    """Ray runs a threaded actor's calls on any free thread; the model's calls (load, pinning,
+    steps) must all start their OpenMP regions on one (workers/worker.py says why)."""
+    import threading
+
+    from raylm.workers.worker import ModelThread
+
+    own = ModelThread(True, "raylm-rank0")
+    names = set()
+    for _ in range(3):
+        caller = threading.Thread(target=lambda: names.add(own.run(
+            lambda: threading.current_thread().name)))
+        caller.start()
+        caller.join()
+    assert names == {"raylm-rank0_0"}
+    with pytest.raises(ZeroDivisionError):
+        own.run(lambda: 1 / 0)  # errors reach the caller
+    inline = ModelThread(False, "unused")
+    assert inline.run(lambda: threading.current_thread().name) == threading.current_thread().name

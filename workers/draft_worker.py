@@ -44,7 +44,18 @@ class DraftBatch:
 
 class DraftWorker:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, *, num_blocks: int,
-                 max_num_batched_tokens: int, max_num_seqs: int) -> None:
+                 max_num_batched_tokens: int, max_num_seqs: int,
+                 model_thread: bool = False) -> None:
+        # As a Ray actor (model_thread=True) the model is built and run on one thread of its
+        # own, as a tensor-parallel Worker is (workers/worker.py says why).
+        from raylm.workers.worker import ModelThread
+
+        self._on_model_thread = ModelThread(model_thread, "raylm-draft").run
+        self._on_model_thread(self._build, model_config, cache_config, num_blocks,
+                              max_num_batched_tokens, max_num_seqs)
+
+    def _build(self, model_config: ModelConfig, cache_config: CacheConfig, num_blocks: int,
+               max_num_batched_tokens: int, max_num_seqs: int) -> None:
         from raylm.workers.model_runner import ModelRunner
 
         self.runner = ModelRunner(model_config, cache_config,
@@ -57,7 +68,8 @@ class DraftWorker:
         """As a Ray actor: serve proposals from the engine's channel until told to stop."""
         from raylm.workers.worker import serve_channel
 
-        serve_channel(self.propose, 0, inbox_handle, outbox_handle, "draft")
+        self._on_model_thread(serve_channel, self.propose, 0, inbox_handle, outbox_handle,
+                              "draft")
 
     @torch.inference_mode()
     def propose(self, batch: DraftBatch) -> tuple[list[list[int]], torch.Tensor | None]:

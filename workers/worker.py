@@ -35,14 +35,27 @@ EXECUTE, PING, STOP = "execute", "ping", "stop"
 OK, PONG, ERROR = "ok", "pong", "error"
 
 
+class ModelThread:
+    """Runs calls on one thread of its own, or inline on the caller's when ``enabled`` is false
+    (in-process use: the caller's thread is already the only one that computes)."""
+
+    def __init__(self, enabled: bool, name: str) -> None:
+        self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+                      if enabled else None)
+
+    def run(self, fn, *args, **kwargs):
+        if self._pool is None:
+            return fn(*args, **kwargs)
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+
 class Worker:
     def __init__(self, rank: int, tp_size: int, model_thread: bool = False) -> None:
         self.rank = rank
         self.tp_size = tp_size
         self.runner = None
         self.tp_group = None
-        self._model_thread = (concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"raylm-rank{rank}") if model_thread else None)
+        self._on_model_thread = ModelThread(model_thread, f"raylm-rank{rank}").run
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO,
                                 format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
@@ -67,11 +80,6 @@ class Worker:
     def rank_id(self) -> int:
         """A no-op call (the dispatch benchmark times a plain Ray call with it)."""
         return self.rank
-
-    def _on_model_thread(self, fn, *args, **kwargs):
-        if self._model_thread is None:
-            return fn(*args, **kwargs)
-        return self._model_thread.submit(fn, *args, **kwargs).result()
 
     def set_cpu_threads(self, num_threads: int, cpu_ids: list[int] | None) -> None:
         """Compute with this rank's share of the node's cores (pinned when ``cpu_ids``)."""
