@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 _CSRC = pathlib.Path(__file__).parent / "csrc"
 SOURCES = ("cpu_ops.cpp", "paged_attention_cpu.cpp", "paged_attention_legacy_cpu.cpp",
            "linear_cpu.cpp", "elementwise_cpu.cpp", "kv_write_cpu.cpp", "llama_cpu.cpp")
+HEADERS = ("cpu_ops.h",)  # part of the build's identity too
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
 LDFLAGS = ("-fopenmp",)
 NAME = "raylm_cpu_ops"
@@ -37,7 +38,7 @@ def build_directory() -> pathlib.Path:
     import torch
 
     digest = hashlib.sha256()
-    for s in SOURCES:
+    for s in SOURCES + HEADERS:
         digest.update((_CSRC / s).read_bytes())
     digest.update(" ".join(CFLAGS + LDFLAGS).encode())
     digest.update(f"{torch.__version__} {sys.version_info[:2]}".encode())

@@ -1,28 +1,5 @@
 // Python bindings of raylm's CPU ops (one extension module, built on first use).
-#include <torch/extension.h>
-
-#include <tuple>
-
-torch::Tensor paged_attention_cpu(torch::Tensor query, torch::Tensor k_cache,
-                                  torch::Tensor v_cache, torch::Tensor block_tables,
-                                  torch::Tensor seq_lens, torch::Tensor query_start_loc,
-                                  double scale);
-torch::Tensor paged_attention_legacy_cpu(torch::Tensor query, torch::Tensor k_cache,
-                                         torch::Tensor v_cache, torch::Tensor block_tables,
-                                         torch::Tensor seq_lens, torch::Tensor query_start_loc,
-                                         double scale);
-torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w,
-                                 c10::optional<torch::Tensor> bias);
-torch::Tensor rms_norm_cpu(torch::Tensor x, torch::Tensor w, double eps);
-std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_cpu(torch::Tensor x, torch::Tensor residual,
-                                                          torch::Tensor w, double eps);
-void rotary_cpu(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
-                torch::Tensor cos_sin_cache);
-torch::Tensor silu_and_mul_cpu(torch::Tensor x);
-void write_kv_cpu(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
-                  torch::Tensor v_cache, torch::Tensor slot_mapping);
-
-void bind_llama_cpu(pybind11::module& m);
+#include "cpu_ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Every op releases the GIL while it computes (none touches a Python object): the server's

@@ -6,20 +6,7 @@
 #include <tuple>
 #include <vector>
 
-torch::Tensor paged_attention_cpu(torch::Tensor query, torch::Tensor k_cache,
-                                  torch::Tensor v_cache, torch::Tensor block_tables,
-                                  torch::Tensor seq_lens, torch::Tensor query_start_loc,
-                                  double scale);
-torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w,
-                                 c10::optional<torch::Tensor> bias);
-torch::Tensor rms_norm_cpu(torch::Tensor x, torch::Tensor w, double eps);
-std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_cpu(torch::Tensor x, torch::Tensor residual,
-                                                          torch::Tensor w, double eps);
-void rotary_cpu(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
-                torch::Tensor cos_sin_cache);
-torch::Tensor silu_and_mul_cpu(torch::Tensor x);
-void write_kv_cpu(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
-                  torch::Tensor v_cache, torch::Tensor slot_mapping);
+#include "cpu_ops.h"
 
 namespace {
 using OptTensor = c10::optional<torch::Tensor>;
