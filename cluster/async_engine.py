@@ -89,7 +89,7 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, args=(config, built),
                                         name="raylm-step-loop", daemon=True)
         self._thread.start()
-        self.core = built.result()  # a failed build raises here, in the caller
+        built.result()  # sets self.core; a failed build raises here, in the caller
         try:
             path = self.core.executor.model_path
             self.tokenizer = _load_tokenizer(path)  # the event loop's own copy
@@ -242,7 +242,7 @@ class AsyncEngine:
         except BaseException as e:  # noqa: BLE001 - raised by the constructor's caller
             built.set_exception(e)
             return
-        self.core = core
+        self.core = core  # before the loop below reads it
         built.set_result(core)
         try:
             while not self._stopped:

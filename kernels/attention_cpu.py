@@ -20,11 +20,15 @@ MAX_HEAD_DIM = 256
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the compiled ops read/write
 
 
+def supports_shape(num_heads: int, num_kv_heads: int, head_dim: int, impl: str = "tiled") -> bool:
+    """Whether the kernel holds this many query heads per KV head and this head size."""
+    return num_heads // num_kv_heads <= MAX_GROUP[impl] and head_dim <= MAX_HEAD_DIM
+
+
 def supports(query: torch.Tensor, k_cache: torch.Tensor, impl: str = "tiled") -> bool:
     return (query.device.type == "cpu" and query.dtype == torch.float32
             and k_cache.dtype in CACHE_DTYPES
-            and query.shape[1] // k_cache.shape[2] <= MAX_GROUP[impl]
-            and query.shape[2] <= MAX_HEAD_DIM)
+            and supports_shape(query.shape[1], k_cache.shape[2], query.shape[2], impl))
 
 
 def paged_attention_cpu(

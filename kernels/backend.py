@@ -65,7 +65,7 @@ class CpuBackend(TorchBackend):
         from raylm.kernels.cpu_ops import load_extension
 
         self._ops = attention_cpu
-        self._impl = impl
+        self.impl = impl  # tiled | legacy
         self._ext = load_extension()
         self._available = self._ext is not None
 
@@ -81,9 +81,9 @@ class CpuBackend(TorchBackend):
             write_kv_ref(key, value, k_cache, v_cache, slot_mapping)
 
     def attention(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        if self._available and self._ops.supports(query, k_cache, self._impl):
+        if self._available and self._ops.supports(query, k_cache, self.impl):
             return self._ops.paged_attention_cpu(query, k_cache, v_cache, meta, scale,
-                                                 self._impl)
+                                                 self.impl)
         return paged_attention_ref(query, k_cache, v_cache, meta, scale)
 
     def _fused(self, *tensors: torch.Tensor) -> bool:

@@ -44,15 +44,14 @@ def _why_not(model) -> str | None:
     backend = attn.attn.backend
     if not enabled():
         return f"{ENV}=0"
-    if not isinstance(backend, CpuBackend) or backend._impl != "tiled" or load_extension() is None:
+    if not isinstance(backend, CpuBackend) or backend.impl != "tiled" or load_extension() is None:
         return "not the compiled CPU backend"
     if attn.qkv_proj.tp.size != 1:
         return "tensor parallel (the all-reduce runs between the layer's ops)"
     if any(p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous()
            for p in model.parameters()):
         return "weights not contiguous fp32 on CPU"
-    if attn.num_heads // attn.num_kv_heads > attention_cpu.MAX_GROUP["tiled"] \
-            or attn.head_dim > attention_cpu.MAX_HEAD_DIM:
+    if not attention_cpu.supports_shape(attn.num_heads, attn.num_kv_heads, attn.head_dim):
         return "attention shape outside the compiled kernel"
     cache = attn.rotary_emb.cos_sin_cache
     if cache.dtype != torch.float32 or not cache.is_contiguous():
