@@ -186,3 +186,23 @@ def test_router_bench_workloads_share_prefixes_only_when_asked():
     args.workload = "random"
     unique = workload_prompts(args, salt="s")
     assert len({request_prefix_digests({"prompt": p})[0] for p in unique}) == 30
+
+
+def test_cpu_meter_tells_a_busy_client_from_an_idle_one():
+    import time
+
+    from raylm.cluster.bench.cpu_meter import CpuMeter
+
+    meter = CpuMeter()
+    time.sleep(0.3)
+    idle = meter.stop()
+    meter = CpuMeter()
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:  # one thread spinning: about one core
+        pass
+    busy = meter.stop()
+    assert idle.process_cores < 0.2
+    assert busy.process_cores > 0.5
+    assert busy.machine_busy_cores is not None and busy.machine_busy_cores >= 0.5
+    assert busy.machine_busy_cores <= busy.num_cpus + 0.01
+    assert set(busy.to_dict()) == {"process_cores", "machine_busy_cores", "num_cpus"}

@@ -298,6 +298,9 @@ def test_bench_serve_reports_latencies_and_the_serving_overhead(server, tmp_path
             assert level["num_errors"] == 0
             assert level["output_token_throughput"] > 0
             assert level["ttft_s"]["p50"] <= level["e2e_s"]["p99"]
+            cpu = level["cpu"]  # the load generator's own cores and the machine's busy cores
+            assert 0 < cpu["process_cores"] <= cpu["num_cpus"] + 0.5
+            assert 0 < cpu["machine_busy_cores"] <= cpu["num_cpus"] + 0.01
     assert [(r["protocol"], r["load"]) for r in result["vs_engine"]] == [
         ("grpc", 1), ("grpc", 4), ("http", 1), ("http", 4)]
     assert all(r["throughput_fraction"] > 0 for r in result["vs_engine"])

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from raylm.cluster.bench import serve_routers
+from raylm.cluster.bench.cpu_meter import CpuMeter
 from raylm.cluster.bench.report import format_table, png_path_for, write_json
 
 _WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
@@ -288,10 +289,12 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                 prompts = (serve_routers.workload_prompts(args, salt)
                            if args.workload == "shared-prefix" else
                            _prompts(args.num_requests, args.input_len, args.seed + i, salt=salt))
+                meter = CpuMeter()
                 samples, duration = await _run_level(
                     client, prompts, load if args.rates else None,
                     None if args.rates else int(load), args.seed + i)
-                levels.append({"load": load, **summarize(samples, duration)})
+                levels.append({"load": load, **summarize(samples, duration),
+                               "cpu": meter.stop().to_dict()})
         finally:
             await client.close()
         runs[protocol] = levels
@@ -323,11 +326,15 @@ def run(args: argparse.Namespace) -> int:
     rows = [[protocol, lv["load"], lv["num_errors"], lv["request_throughput"],
              lv["output_token_throughput"],
              *(lv[k][q] * 1e3 if lv[k][q] is not None else None
-               for k in ("ttft_s", "itl_s", "e2e_s") for q in ("p50", "p99"))]
+               for k in ("ttft_s", "itl_s", "e2e_s") for q in ("p50", "p99")),
+             lv["cpu"]["process_cores"], lv["cpu"]["machine_busy_cores"]]
             for protocol, levels in result["runs"].items() for lv in levels]
     print(format_table(["protocol", result["load"], "errors", "req/s", "tok/s", "TTFT p50 ms",
-                        "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "e2e p50 ms", "e2e p99 ms"],
-                       rows))
+                        "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "e2e p50 ms", "e2e p99 ms",
+                        "bench CPUs", "busy CPUs"], rows))
+    num_cpus = next(iter(result["runs"].values()))[0]["cpu"]["num_cpus"]
+    print("bench CPUs: cores this process used (the load generator; for 'engine' also the "
+          f"engine it runs); busy CPUs: cores busy machine-wide, of {num_cpus}")
     vs = _vs_engine(result)
     if vs:
         result["vs_engine"] = [dict(zip(("protocol", "load", "throughput_fraction",
