@@ -210,3 +210,7 @@ def test_dockerfile_builds_on_the_ray_image():
     assert "FROM rayproject/ray:" in text
     assert text.index("torch") < text.index('".[triton,haproxy]"')  # torch first, then the project
     assert "ENV RAY_SERVE_PROXY_USE_GRPC=1" in text  # the proxy reaches the ingress over gRPC
+    from raylm.cluster.serve.limits import SERVE_PROCESS_ENV
+
+    for key, value in SERVE_PROCESS_ENV.items():  # the same process settings as `raylm serve`
+        assert f"ENV {key}={value}" in text

@@ -275,6 +275,21 @@ def test_64_concurrent_streams_complete(server):
     assert wait_until(lambda: _idle(server["llm"]), timeout_s=30)
 
 
+@pytest.mark.skipif(not pathlib.Path("/proc").is_dir(), reason="reads /proc")
+def test_the_model_replica_runs_at_the_priority_of_its_clients(server):
+    """`raylm serve` starts Ray's workers at nice 0 (SERVE_PROCESS_ENV), not Ray's 15."""
+    nices = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if cmdline.startswith(b"ray::ServeReplica:") and b"LLMServer" in cmdline:
+            nices.append(int(fields[16]))  # field 19 of /proc/PID/stat
+    assert nices and all(n == os.getpriority(os.PRIO_PROCESS, 0) for n in nices)
+
+
 def test_bench_serve_reports_latencies_and_the_serving_overhead(server, tmp_path):
     import argparse
     import json
@@ -287,8 +302,8 @@ def test_bench_serve_reports_latencies_and_the_serving_overhead(server, tmp_path
     args = parser.parse_args(["--protocol", "grpc,http,engine", "--model", server["model"],
                               "--http-port", str(server["http_port"]),
                               "--grpc-port", str(server["grpc_port"]),
-                              "--concurrency", "1,4", "--num-requests", "8", "--output-len", "6",
-                              "--out", str(out)])
+                              "--concurrency", "1,4", "--num-requests", "4", "--output-len", "6",
+                              "--rounds", "2", "--out", str(out)])
     assert bench_serve.run(args) == 0
     result = json.loads(out.read_text())
     assert set(result["runs"]) == {"grpc", "http", "engine"}
@@ -304,4 +319,10 @@ def test_bench_serve_reports_latencies_and_the_serving_overhead(server, tmp_path
     assert [(r["protocol"], r["load"]) for r in result["vs_engine"]] == [
         ("grpc", 1), ("grpc", 4), ("http", 1), ("http", 4)]
     assert all(r["throughput_fraction"] > 0 for r in result["vs_engine"])
+    # two rounds, pooled: each level's requests are those of both rounds
+    assert len(result["rounds"]) == 2
+    assert all(lv["num_requests"] == 8 for levels in result["runs"].values() for lv in levels)
+    assert all(lv["num_requests"] == 4 for rd in result["rounds"] for levels in rd.values()
+               for lv in levels)
+    assert all(len(r["throughput_fraction_rounds"]) == 2 for r in result["vs_engine"])
     assert out.with_suffix(".png").stat().st_size > 0

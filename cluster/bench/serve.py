@@ -41,7 +41,7 @@ class Sample:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", default="grpc",
                         help="grpc, http, engine (the in-process AsyncEngine, no serving path), "
-                             "or a comma list run one after another, e.g. grpc,http,engine")
+                             "or a comma list taking turns level by level, e.g. engine,grpc,http")
     parser.add_argument("--model", default=None,
                         help="checkpoint for the 'engine' protocol (the server's model) and "
                              "for --router (default: the demo model)")
@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-requests", type=int, default=64, help="requests per load level")
     parser.add_argument("--input-len", type=int, default=32, help="prompt length in words")
     parser.add_argument("--output-len", type=int, default=32, help="generated tokens per request")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every load level this many times, the protocols taking "
+                             "turns level by level; figures are pooled over the rounds (a "
+                             "noisy machine's drift then falls on every protocol alike)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_results/serve.json", help="JSON path (PNG next to it)")
     serve_routers.add_arguments(parser)
@@ -268,55 +272,101 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--rates/--concurrency: load levels must be > 0")
     if args.num_requests < 1:
         raise ValueError("--num-requests must be >= 1")
+    if args.rounds < 1:
+        raise ValueError("--rounds must be >= 1")
     protocols = [p.strip() for p in args.protocol.split(",")]
     unknown = [p for p in protocols if p not in _CLIENTS]
     if unknown:
         raise ValueError(f"--protocol: unknown {unknown}; choose from {sorted(_CLIENTS)}")
-    runs = {}
     run_id = f"{os.getpid():x}{time.time_ns() % 10**6:x}"
-    for protocol in protocols:
-        client = _CLIENTS[protocol](args)
-        levels = []
-        try:
+    # per protocol, per load level: the samples and seconds of every round
+    pooled = {p: [([], 0.0) for _ in loads] for p in protocols}
+    rounds: list[dict[str, list[dict[str, Any]]]] = []
+    clients = {}
+    try:
+        for protocol in protocols:
+            clients[protocol] = _CLIENTS[protocol](args)
             # Warm-up outside the measurement: first connections, proxies, first steps.
-            await _run_level(client, _prompts(4, args.input_len, args.seed - 1,
-                                              salt=f"{run_id}warm{protocol}"), None, 4,
-                             args.seed - 1)
+            await _run_level(clients[protocol], _prompts(4, args.input_len, args.seed - 1,
+                                                         salt=f"{run_id}warm{protocol}"),
+                             None, 4, args.seed - 1)
+        for r in range(args.rounds):
+            this_round: dict[str, list[dict[str, Any]]] = {p: [] for p in protocols}
             for i, load in enumerate(loads):
-                # The same seeded prompts for every protocol (ratios compare like with like),
-                # each salted so that no protocol hits another's prefix-cache entries.
-                salt = f"{run_id}{protocol}"
-                prompts = (serve_routers.workload_prompts(args, salt)
-                           if args.workload == "shared-prefix" else
-                           _prompts(args.num_requests, args.input_len, args.seed + i, salt=salt))
-                meter = CpuMeter()
-                samples, duration = await _run_level(
-                    client, prompts, load if args.rates else None,
-                    None if args.rates else int(load), args.seed + i)
-                levels.append({"load": load, **summarize(samples, duration),
-                               "cpu": meter.stop().to_dict()})
-        finally:
+                # Protocols take turns level by level, and each round starts with the next one,
+                # so a drift of the machine's speed falls on all of them alike.
+                for protocol in protocols[r % len(protocols):] + protocols[:r % len(protocols)]:
+                    # The same seeded prompts for every protocol (ratios compare like with
+                    # like), each salted so that no protocol hits another's prefix-cache entries.
+                    salt = f"{run_id}{protocol}r{r}"
+                    prompts = (serve_routers.workload_prompts(args, salt)
+                               if args.workload == "shared-prefix" else
+                               _prompts(args.num_requests, args.input_len,
+                                        args.seed + i + 7919 * r, salt=salt))
+                    meter = CpuMeter()
+                    samples, duration = await _run_level(
+                        clients[protocol], prompts, load if args.rates else None,
+                        None if args.rates else int(load), args.seed + i)
+                    this_round[protocol].append({"load": load, **summarize(samples, duration),
+                                                 "cpu": meter.stop().to_dict()})
+                    so_far, seconds = pooled[protocol][i]
+                    pooled[protocol][i] = (so_far + samples, seconds + duration)
+            rounds.append({p: sorted(levels, key=lambda lv: loads.index(lv["load"]))
+                           for p, levels in this_round.items()})
+    finally:
+        for client in clients.values():
             await client.close()
-        runs[protocol] = levels
+    runs = {}
+    for protocol in protocols:
+        runs[protocol] = []
+        for i, load in enumerate(loads):
+            samples, seconds = pooled[protocol][i]
+            cpus = [rd[protocol][i]["cpu"] for rd in rounds]
+            runs[protocol].append({"load": load, **summarize(samples, seconds),
+                                   "cpu": {k: _mean([c[k] for c in cpus]) for k in cpus[0]}})
     return {"protocols": protocols, "load": load_name, "input_len_words": args.input_len,
-            "output_len": args.output_len, "runs": runs}
+            "output_len": args.output_len, "num_rounds": args.rounds, "runs": runs,
+            "rounds": rounds}
 
 
-def _vs_engine(result: dict[str, Any]) -> list[list[Any]]:
-    """Per served protocol and load: throughput / engine's, TTFT p50 added over the engine's."""
-    engine = result["runs"].get("engine")
-    if engine is None:
+def _mean(values: list[Any]) -> Any:
+    known = [v for v in values if v is not None]
+    if not known:
+        return None
+    mean = sum(known) / len(known)
+    return round(mean) if all(isinstance(v, int) for v in known) else mean
+
+
+def _vs_engine(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per served protocol and load: throughput / engine's and TTFT p50 added over the
+    engine's, of the pooled rounds and of each round (its spread tells the noise)."""
+    if "engine" not in result["runs"]:
         return []
+
+    def compare(lv: dict[str, Any], base: dict[str, Any]) -> tuple[float, float | None]:
+        ttft, base_ttft = lv["ttft_s"]["p50"], base["ttft_s"]["p50"]
+        return (lv["output_token_throughput"] / base["output_token_throughput"],
+                None if ttft is None or base_ttft is None else (ttft - base_ttft) * 1e3)
+
     rows = []
-    for protocol, levels in result["runs"].items():
+    for protocol in result["protocols"]:
         if protocol == "engine":
             continue
-        for lv, base in zip(levels, engine):
-            ttft, base_ttft = lv["ttft_s"]["p50"], base["ttft_s"]["p50"]
-            rows.append([protocol, lv["load"],
-                         lv["output_token_throughput"] / base["output_token_throughput"],
-                         None if ttft is None or base_ttft is None else (ttft - base_ttft) * 1e3])
+        for i, (lv, base) in enumerate(zip(result["runs"][protocol], result["runs"]["engine"])):
+            fraction, added = compare(lv, base)
+            per_round = [compare(rd[protocol][i], rd["engine"][i]) for rd in result["rounds"]]
+            rows.append({"protocol": protocol, "load": lv["load"],
+                         "throughput_fraction": fraction, "ttft_p50_added_ms": added,
+                         "throughput_fraction_rounds": [f for f, _ in per_round],
+                         "ttft_p50_added_ms_rounds": [a for _, a in per_round]})
     return rows
+
+
+def _spread(values: list[float | None]) -> str:
+    known = sorted(v for v in values if v is not None)
+    if len(known) < 2:
+        return "-"
+    return f"{known[0]:.3g}..{known[-1]:.3g}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -337,10 +387,16 @@ def run(args: argparse.Namespace) -> int:
           f"engine it runs); busy CPUs: cores busy machine-wide, of {num_cpus}")
     vs = _vs_engine(result)
     if vs:
-        result["vs_engine"] = [dict(zip(("protocol", "load", "throughput_fraction",
-                                         "ttft_p50_added_ms"), r)) for r in vs]
-        print(format_table(["protocol", result["load"], "tok/s / engine's",
-                            "TTFT p50 added ms"], vs))
+        result["vs_engine"] = vs
+        print(format_table(
+            ["protocol", result["load"], "tok/s / engine's", "per round",
+             "TTFT p50 added ms", "per round"],
+            [[r["protocol"], r["load"], r["throughput_fraction"],
+              _spread(r["throughput_fraction_rounds"]), r["ttft_p50_added_ms"],
+              _spread(r["ttft_p50_added_ms_rounds"])] for r in vs]))
+        if result["num_rounds"] > 1:
+            print(f"pooled over {result['num_rounds']} rounds (protocols take turns level by "
+                  "level); 'per round': the lowest..highest of the rounds' own figures")
     out = write_json(args.out, result)
     png = _plot(png_path_for(out), result["load"], result["runs"])
     print(f"wrote {out} and {png}")

@@ -24,6 +24,24 @@ REPLICA_GRPC_MESSAGE_BYTES = 512 << 20
 # Serve's proxy forwards to the ingress over gRPC instead of Ray actor calls (README "Serving
 # path": fewer hops per streamed item); "0" opts out.
 PROXY_USE_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
+# How Serve's processes share the CPU with the step thread, which keeps every core busy:
+# - Serve runs a replica's user code on an event loop of its own (a second thread) and the
+#   handle's router on a third by default: every streamed item then crosses threads (a wake-up
+#   of the other loop). On the replica's main loop it goes straight to the socket: the serving
+#   threads of a replica streaming at concurrency 32 used about a third less CPU per token
+#   (grpc 0.71 -> 0.48 CPU-seconds per 10 s, http 0.72 -> 0.56; Serve's own "throughput
+#   optimized" mode sets the same two). LLMServer never blocks its loop: long tokenization and
+#   the engine run on threads of their own.
+# - Ray starts its worker processes at nice 15 (Ray's worker_niceness), below the client, the
+#   proxy and Ray's own daemons: every one of their wake-ups then takes a core from the step,
+#   whose other thread waits for it at the next barrier. At nice 0 (this variable) the replica
+#   competes on equal terms: `raylm bench serve --protocol engine,grpc,http --rounds 5` at
+#   concurrency 32 gave grpc 0.90 / 0.92 and http 0.92 / 0.97 of the engine's throughput at
+#   nice 15, 1.01 / 0.96 and 1.00 / 0.98 at nice 0 (two runs each, bench model, 2 cores).
+#   Ray's daemons stay at their own priority; set RAY_worker_niceness=15 to keep Ray's default.
+SERVE_PROCESS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+                     "RAY_worker_niceness": "0"}
 # How token streams travel from LLMServer to the ingress (AppConfig.handle_transport): Serve's
 # direct gRPC channel to the replica, or Ray actor calls (Serve's default).
 HANDLE_TRANSPORTS = ("grpc", "actor")
@@ -51,7 +69,8 @@ def serve_transport_env(max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> d
     caller's environment already sets win)."""
     return {PROXY_USE_GRPC_ENV: os.environ.get(PROXY_USE_GRPC_ENV, "1"),
             RAY_REPLICA_GRPC_MESSAGE_ENV: os.environ.get(
-                RAY_REPLICA_GRPC_MESSAGE_ENV, str(replica_message_bytes(max_request_bytes)))}
+                RAY_REPLICA_GRPC_MESSAGE_ENV, str(replica_message_bytes(max_request_bytes))),
+            **{key: os.environ.get(key, value) for key, value in SERVE_PROCESS_ENV.items()}}
 
 
 def export_limits(max_request_bytes: int) -> None:

@@ -357,6 +357,8 @@ class LLMServer:
             await asyncio.sleep(STATS_INTERVAL_S)
 
     def __del__(self) -> None:
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
