@@ -36,8 +36,9 @@ PROXY_USE_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
 #   proxy and Ray's own daemons: every one of their wake-ups then takes a core from the step,
 #   whose other thread waits for it at the next barrier. At nice 0 (this variable) the replica
 #   competes on equal terms: `raylm bench serve --protocol engine,grpc,http --rounds 5` at
-#   concurrency 32 gave grpc 0.90 / 0.92 and http 0.92 / 0.97 of the engine's throughput at
-#   nice 15, 1.01 / 0.96 and 1.00 / 0.98 at nice 0 (two runs each, bench model, 2 cores).
+#   concurrency 32 gave grpc 0.88-0.92 and http 0.92-0.97 of the engine's throughput at nice 15
+#   (3 runs), grpc 0.90-1.01 (mean 0.96) and http 0.96-1.00 at nice 0 (4 runs; bench model,
+#   2 cores).
 #   Ray's daemons stay at their own priority; set RAY_worker_niceness=15 to keep Ray's default.
 SERVE_PROCESS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
                      "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
