@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import time
 from typing import Any, Iterator
@@ -11,10 +12,32 @@ APP = "raylm"
 METADATA = (("application", APP),)
 
 
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port above Ray's worker ports (10002-19999), below Serve's direct-ingress ports
+    (30000-31000 and 40000-41000, `--proxy haproxy`) and below the kernel's ephemeral range.
+
+    A port from bind(0) is an ephemeral one: until Serve binds it, the outgoing connections of
+    the Ray processes that start meanwhile may take it as their local port, and Serve's proxy
+    then fails with "Failed to bind to address" (seen on a clean clone)."""
+    low, high = 20000, max(20001, min(_ephemeral_start(), 30000))
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(200):
+        port = rng.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}..{high - 1}")
 
 
 def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.2) -> bool:

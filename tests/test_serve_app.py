@@ -5,8 +5,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import pathlib
-import socket
-import time
 
 import grpc
 import pytest
@@ -15,6 +13,7 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 from ray import serve  # noqa: E402
 
+from tests.serve_builders import free_port, wait_until  # noqa: E402
 from raylm.cluster.serve.app import GRPC_SERVICER_FUNCTIONS, build_app  # noqa: E402
 from raylm.cluster.serve.limits import serve_transport_env  # noqa: E402
 from raylm.proto import generation_pb2 as pb  # noqa: E402
@@ -23,21 +22,6 @@ from raylm.proto import generation_pb2_grpc as pb_grpc  # noqa: E402
 APP = "raylm"
 METADATA = (("application", APP),)
 PROMPT = "The quick brown fox"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
 
 
 @pytest.fixture(scope="module")

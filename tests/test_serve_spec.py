@@ -3,7 +3,6 @@ group; streams are correct with speculation; when the draft actor dies the repli
 without speculation, with the same greedy output."""
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -12,17 +11,12 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 from ray import serve  # noqa: E402
 
+from tests.serve_builders import free_port  # noqa: E402
 from raylm.cluster.serve.app import build_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
 APP = "raylm-spec"
 PROMPT = [5, 17, 99, 300, 41, 7, 8, 9]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,7 @@ def server(tmp_path_factory):
                                                      extra_layers=4, residual_scale=0.05))
     expected = LLM(target, dtype="float32").generate(
         [PROMPT], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0].text
-    http_port = _free_port()
+    http_port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})

@@ -3,7 +3,6 @@ equal tp=1 greedy output; a rank killed mid-stream ends the stream with an expli
 replaces the replica with a fresh group, and requests succeed again."""
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -12,16 +11,11 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 from ray import serve  # noqa: E402
 
+from tests.serve_builders import free_port  # noqa: E402
 from raylm.cluster.serve.app import build_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
 APP = "raylm-tp"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_actors() -> list[dict]:
@@ -34,7 +28,7 @@ def _rank_actors() -> list[dict]:
 @pytest.fixture(scope="module")
 def server(tiny_model):
     model = str(tiny_model("llama"))
-    http_port = _free_port()
+    http_port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
