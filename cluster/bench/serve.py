@@ -8,34 +8,26 @@ end-to-end latency. Writes JSON and a PNG of latency against load.
     raylm bench serve --protocol grpc --rates 1,4,16 --num-requests 64
     raylm bench serve --protocol http --concurrency 1,8,32
     raylm bench serve --workload shared-prefix --router prefix,pow2   # serve_routers.py
+
+The clients (grpc, http, in-process engine) are in serve_clients.py.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raylm.cluster.bench import serve_routers
 from raylm.cluster.bench.cpu_meter import CpuMeter
+from raylm.cluster.bench.serve_clients import CLIENTS, Sample
 from raylm.cluster.bench.report import format_table, png_path_for, write_json
 
 _WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
           "boxing matches near the river bank under bright autumn skies").split()
-
-
-@dataclass
-class Sample:
-    ttft: float | None = None
-    itls: list[float] = field(default_factory=list)
-    e2e: float | None = None
-    num_output_tokens: int = 0
-    error: str | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,107 +68,7 @@ def _prompts(count: int, length: int, seed: int, salt: str = "") -> list[str]:
             for _ in range(count)]
 
 
-class _GrpcClient:
-    def __init__(self, args: argparse.Namespace) -> None:
-        import grpc
 
-        from raylm.proto import generation_pb2 as pb
-        from raylm.proto import generation_pb2_grpc as pb_grpc
-
-        self._pb = pb
-        self._channel = grpc.aio.insecure_channel(f"{args.host}:{args.grpc_port}")
-        self._stub = pb_grpc.GenerationStub(self._channel)
-        self._metadata = (("application", args.app_name),)
-        self._output_len = args.output_len
-
-    async def request(self, prompt: str, sample: Sample) -> None:
-        pb = self._pb
-        req = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingOptions(
-            max_tokens=self._output_len, ignore_eos=True, temperature=0.0))
-        start = last = time.perf_counter()
-        async for msg in self._stub.GenerateStream(req, metadata=self._metadata):
-            new = sum(len(c.token_ids) for c in msg.choices)
-            last = _record(sample, start, last, new)
-        sample.e2e = time.perf_counter() - start
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-
-class _HttpClient:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self._base = f"http://{args.host}:{args.http_port}"
-        self._output_len = args.output_len
-        self._session = None
-
-    async def request(self, prompt: str, sample: Sample) -> None:
-        import aiohttp  # a Ray Serve dependency
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
-        body = {"prompt": prompt, "max_tokens": self._output_len, "ignore_eos": True,
-                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
-        start = last = time.perf_counter()
-        async with self._session.post(self._base + "/v1/completions", json=body) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[len("data: "):])
-                if chunk.get("usage") and not chunk.get("choices"):
-                    # The final usage chunk: the exact count, whatever the stream interval.
-                    sample.num_output_tokens = chunk["usage"]["completion_tokens"]
-                    continue
-                # SSE chunks carry text, not ids: count one token per chunk until the usage.
-                last = _record(sample, start, last, len(chunk.get("choices", [])))
-        sample.e2e = time.perf_counter() - start
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-
-class _EngineClient:
-    """The same requests straight into an in-process AsyncEngine: the baseline that tells
-    what the serving path (proxy, ingress, handle, streaming) costs."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        if not args.model:
-            raise ValueError("--model is required for --protocol engine")
-        from raylm.cluster import AsyncEngine, SamplingParams
-
-        self._engine = AsyncEngine(args.model, dtype=args.engine_dtype,
-                                   max_num_seqs=args.engine_max_num_seqs)
-        self._params = SamplingParams(max_tokens=args.output_len, ignore_eos=True,
-                                      temperature=0.0)
-
-    async def request(self, prompt: str, sample: Sample) -> None:
-        start = last = time.perf_counter()
-        async for out in self._engine.generate(prompt, self._params):
-            last = _record(sample, start, last, len(out.outputs[0].delta_token_ids))
-        sample.e2e = time.perf_counter() - start
-
-    async def close(self) -> None:
-        self._engine.shutdown()
-
-
-_CLIENTS = {"grpc": _GrpcClient, "http": _HttpClient, "engine": _EngineClient}
-
-
-def _record(sample: Sample, start: float, last: float, num_new_tokens: int) -> float:
-    """Account a streamed message carrying num_new_tokens; returns its arrival time."""
-    if num_new_tokens <= 0:
-        return last
-    now = time.perf_counter()
-    sample.num_output_tokens += num_new_tokens
-    if sample.ttft is None:
-        sample.ttft = now - start
-    else:
-        # a message of k tokens (n > 1, speculative steps) spreads its gap over them
-        sample.itls += [(now - last) / num_new_tokens] * num_new_tokens
-    return now
 
 
 async def _one(client, prompt: str, samples: list[Sample]) -> None:
@@ -275,9 +167,9 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.rounds < 1:
         raise ValueError("--rounds must be >= 1")
     protocols = [p.strip() for p in args.protocol.split(",")]
-    unknown = [p for p in protocols if p not in _CLIENTS]
+    unknown = [p for p in protocols if p not in CLIENTS]
     if unknown:
-        raise ValueError(f"--protocol: unknown {unknown}; choose from {sorted(_CLIENTS)}")
+        raise ValueError(f"--protocol: unknown {unknown}; choose from {sorted(CLIENTS)}")
     run_id = f"{os.getpid():x}{time.time_ns() % 10**6:x}"
     # per protocol, per load level: the samples and seconds of every round
     pooled = {p: [([], 0.0) for _ in loads] for p in protocols}
@@ -285,7 +177,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     clients = {}
     try:
         for protocol in protocols:
-            clients[protocol] = _CLIENTS[protocol](args)
+            clients[protocol] = CLIENTS[protocol](args)
             # Warm-up outside the measurement: first connections, proxies, first steps.
             await _run_level(clients[protocol], _prompts(4, args.input_len, args.seed - 1,
                                                          salt=f"{run_id}warm{protocol}"),

@@ -97,7 +97,8 @@ def _delta(before: dict[str, dict], after: dict[str, dict], key: str) -> dict[st
 def _run_router(args: argparse.Namespace, router: str, http_port: int) -> dict[str, Any]:
     from ray import serve
 
-    from raylm.cluster.bench.serve import _HttpClient, _run_level, summarize
+    from raylm.cluster.bench.serve import _run_level, summarize
+    from raylm.cluster.bench.serve_clients import HttpClient
     from raylm.cluster.serve.app import build_app
 
     app = f"bench-{router}"
@@ -108,7 +109,7 @@ def _run_router(args: argparse.Namespace, router: str, http_port: int) -> dict[s
                                          output_len=args.output_len)
 
         async def level(prompts: list[str], concurrency: int) -> tuple[list, float]:
-            client = _HttpClient(client_args)
+            client = HttpClient(client_args)
             try:
                 return await _run_level(client, prompts, None, concurrency, args.seed)
             finally:
