@@ -1,7 +1,7 @@
 """The compiled CPU decoder stack (workers/models/llama_cpu_step.py) against the module path:
 the same kernels in the same order, so hidden states and KV caches are bitwise equal, for every
 family member's variant (q/k/v bias, per-head q/k norm, GQA), mixed prefill + decode steps,
-streaming and GEMM row counts, fp32 and bf16 KV caches."""
+streaming, packed-oneDNN and GEMM row counts, fp32 and bf16 KV caches."""
 from __future__ import annotations
 
 import pytest
@@ -47,6 +47,27 @@ def test_compiled_stack_equals_the_module_path(tiny_model, arch, kv_dtype):
         assert torch.equal(got, want), f"step {step}: {(got - want).abs().max().item()}"
     for (k1, v1), (k2, v2) in zip(fused_kv, module_kv):
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+@pytest.mark.parametrize("impl", ["packed", "stream", "blas"])
+def test_compiled_stack_runs_each_matmul_as_the_module_path_does(tiny_model, monkeypatch, impl):
+    """Every projection on one matmul choice (packed weights for all of them): still bitwise
+    the module path, and equal to the measured plan's output within fp32 rounding."""
+    from raylm.kernels import linear_plan
+    from raylm.kernels.linear import pack_weight
+
+    model = load_model(tiny_model("llama"), dtype=torch.float32, device="cpu", backend=CpuBackend())
+    measured, _ = _run(model, torch.float32, fused=False)
+    for module in model.modules():
+        if hasattr(module, "packed_weight"):
+            module.packed_weight = pack_weight(module.weight)
+    monkeypatch.setattr(linear_plan, "choose",
+                        lambda rows, *shape: "blas" if impl == "stream" and rows > 64 else impl)
+    fused_out, _ = _run(model, torch.float32, fused=True)
+    module_out, _ = _run(model, torch.float32, fused=False)
+    for got, want, ref in zip(fused_out, module_out, measured):
+        assert torch.equal(got, want)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_the_module_path_is_kept_where_the_stack_cannot_run(tiny_model, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from raylm.kernels import linear_plan
+from raylm.workers.layers.linear import prepare_cpu_linears
 from raylm.workers.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -133,11 +133,15 @@ def load_model(model_path: str | pathlib.Path, *, dtype: torch.dtype,
     with torch.no_grad():
         model.load_weights(iter_safetensors(model_path))
     model.eval()
+    packed_bytes = 0
     if device.type == "cpu":
-        # Streaming kernel or GEMM per weight shape and row count, measured on this machine.
-        linear_plan.calibrate(p for n, p in model.named_parameters() if n.endswith("weight"))
+        # Streaming kernel, packed oneDNN GEMM or BLAS per weight shape and row count, measured
+        # on this machine; packed copies of the weights whose shapes use them.
+        packed_bytes = prepare_cpu_linears(model)
     num_params = sum(p.numel() for p in model.parameters())
     num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    logger.info("loaded %.1fM parameters (%.1f MiB on this rank) in %.2fs",
-                num_params / 1e6, num_bytes / 2**20, time.perf_counter() - start)
+    logger.info("loaded %.1fM parameters (%.1f MiB on this rank%s) in %.2fs",
+                num_params / 1e6, num_bytes / 2**20,
+                f", + {packed_bytes / 2**20:.1f} MiB of weights packed for oneDNN"
+                if packed_bytes else "", time.perf_counter() - start)
     return model

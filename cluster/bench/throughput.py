@@ -193,7 +193,8 @@ def _print_summary(data: dict[str, Any]) -> None:
     if data.get("spec_throughput_ratio") is not None:
         print(f"raylm with speculation / without: {data['spec_throughput_ratio']:.2f}x")
     print(f"compute roofline: {roof['matmul_flops'] / 1e9:.1f} GFLOP/s measured "
-          f"({roof['matmul_dtype']} torch.mm, best of several)")
+          f"({roof['matmul_dtype']}, the best of torch.mm and oneDNN on packed weights over "
+          "several shapes)")
     p = data["params"]
     print(f"params: body {p['body']:,}, lm_head {p['lm_head']:,}, input embedding "
           f"{p['input_embedding']:,}")

@@ -10,6 +10,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_legacy_cpu", &paged_attention_legacy_cpu,
         "the previous per-key paged attention (A/B runs only)", nogil());
   m.def("linear_small_batch", &linear_small_batch, "x @ W^T for 1..64 rows, CPU fp32", nogil());
+  m.def("linear_packed", &linear_packed,
+        "x @ W^T with W pre-packed by oneDNN (torch.ops.mkldnn._reorder_linear_weight)", nogil());
   m.def("rms_norm_cpu", &rms_norm_cpu, "RMSNorm, CPU fp32", nogil());
   m.def("add_rms_norm_cpu", &add_rms_norm_cpu,
         "residual += x; RMSNorm(residual), CPU fp32", nogil());

@@ -14,6 +14,8 @@ torch::Tensor paged_attention_legacy_cpu(torch::Tensor query, torch::Tensor k_ca
                                          double scale);
 torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w,
                                  c10::optional<torch::Tensor> bias);
+torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& packed_w,
+                            const c10::optional<torch::Tensor>& bias);
 torch::Tensor rms_norm_cpu(torch::Tensor x, torch::Tensor w, double eps);
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_cpu(torch::Tensor x, torch::Tensor residual,
                                                           torch::Tensor w, double eps);

@@ -11,18 +11,22 @@
 namespace {
 using OptTensor = c10::optional<torch::Tensor>;
 
-// Bits of forward()'s stream_mask: which projections take the streaming few-row kernel this step
-// (kernels/linear_plan.py decides per row count and shape); the others take the BLAS GEMM.
-enum StreamBit : int64_t { kQKV = 1, kO = 2, kGateUp = 4, kDown = 8 };
+// Bits of forward()'s stream_mask and packed_mask, one per projection: which take the streaming
+// few-row kernel and which oneDNN's GEMM on pre-packed weights this step (kernels/linear_plan.py
+// decides per row count and shape); the others take torch's BLAS GEMM.
+enum ProjectionBit : int64_t { kQKV = 1, kO = 2, kGateUp = 4, kDown = 8 };
 
 struct Layer {
   torch::Tensor input_norm, post_norm, qkv_w, o_w, gate_up_w, down_w;  // weights [out, in]
   OptTensor qkv_b, o_b, gate_up_b, down_b, q_norm, k_norm;
+  OptTensor qkv_p, o_p, gate_up_p, down_p;  // the same weights packed by oneDNN, if the plan uses them
 };
 
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const OptTensor& b,
-                     bool stream) {
-  return stream ? linear_small_batch(x, w, b) : at::linear(x, w, b);
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const OptTensor& packed,
+                     const OptTensor& b, int64_t bit, int64_t stream_mask, int64_t packed_mask) {
+  if (stream_mask & bit) return linear_small_batch(x, w, b);
+  if ((packed_mask & bit) && packed.has_value()) return linear_packed(x, *packed, b);
+  return at::linear(x, w, b);
 }
 
 torch::Tensor required(const OptTensor& t, const char* name) {
@@ -34,18 +38,19 @@ torch::Tensor required(const OptTensor& t, const char* name) {
 class LlamaStepCpu {
  public:
   // layers[i] = [input_norm, post_norm, qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w,
-  //              down_b, q_norm, k_norm] (None where the model has no such tensor)
+  //              down_b, q_norm, k_norm, qkv_p, o_p, gate_up_p, down_p] (None where the model
+  //              has no such tensor; *_p: oneDNN-packed weights)
   LlamaStepCpu(const std::vector<std::vector<OptTensor>>& layers, torch::Tensor final_norm,
                torch::Tensor cos_sin_cache, int64_t num_heads, int64_t num_kv_heads,
                int64_t head_dim, double eps, double scale)
       : final_norm_(final_norm), cos_sin_(cos_sin_cache), num_heads_(num_heads),
         num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps), scale_(scale) {
     for (const auto& t : layers) {
-      TORCH_CHECK(t.size() == 12, "LlamaStepCpu: 12 tensors per layer");
+      TORCH_CHECK(t.size() == 16, "LlamaStepCpu: 16 tensors per layer");
       layers_.push_back({required(t[0], "input_norm"), required(t[1], "post_norm"),
                          required(t[2], "qkv weight"), required(t[4], "o weight"),
                          required(t[6], "gate_up weight"), required(t[8], "down weight"), t[3],
-                         t[5], t[7], t[9], t[10], t[11]});
+                         t[5], t[7], t[9], t[10], t[11], t[12], t[13], t[14], t[15]});
     }
   }
 
@@ -55,7 +60,8 @@ class LlamaStepCpu {
                         const std::vector<torch::Tensor>& k_caches,
                         const std::vector<torch::Tensor>& v_caches, torch::Tensor slot_mapping,
                         torch::Tensor block_tables, torch::Tensor seq_lens,
-                        torch::Tensor query_start_loc, int64_t stream_mask) const {
+                        torch::Tensor query_start_loc, int64_t stream_mask,
+                        int64_t packed_mask) const {
     TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(),
                 "LlamaStepCpu: one k and one v cache per layer");
     const int64_t T = hidden.size(0);
@@ -70,7 +76,7 @@ class LlamaStepCpu {
         std::tie(hidden, residual) = add_rms_norm_cpu(hidden, residual, L.input_norm, eps_);
       }
       // attention: [T, (H + 2 Hk) * D] -> q/k/v views, no copies
-      auto qkv = linear(hidden, L.qkv_w, L.qkv_b, stream_mask & kQKV);
+      auto qkv = linear(hidden, L.qkv_w, L.qkv_p, L.qkv_b, kQKV, stream_mask, packed_mask);
       auto q = qkv.narrow(1, 0, q_size).view({T, num_heads_, head_dim_});
       auto k = qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads_, head_dim_});
       auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads_, head_dim_});
@@ -83,11 +89,14 @@ class LlamaStepCpu {
       write_kv_cpu(k, v, k_caches[i], v_caches[i], slot_mapping);
       auto attn = paged_attention_cpu(q, k_caches[i], v_caches[i], block_tables, seq_lens,
                                       query_start_loc, scale_);  // [T, H, D]
-      hidden = linear(attn.reshape({T, q_size}), L.o_w, L.o_b, stream_mask & kO);
+      hidden = linear(attn.reshape({T, q_size}), L.o_w, L.o_p, L.o_b, kO, stream_mask,
+                      packed_mask);
       std::tie(hidden, residual) = add_rms_norm_cpu(hidden, residual, L.post_norm, eps_);
       // gated MLP
-      auto gate_up = linear(hidden, L.gate_up_w, L.gate_up_b, stream_mask & kGateUp);
-      hidden = linear(silu_and_mul_cpu(gate_up), L.down_w, L.down_b, stream_mask & kDown);
+      auto gate_up = linear(hidden, L.gate_up_w, L.gate_up_p, L.gate_up_b, kGateUp, stream_mask,
+                          packed_mask);
+      hidden = linear(silu_and_mul_cpu(gate_up), L.down_w, L.down_p, L.down_b, kDown, stream_mask,
+                      packed_mask);
     }
     return std::get<0>(add_rms_norm_cpu(hidden, residual, final_norm_, eps_));
   }

@@ -51,8 +51,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     samples); the other ranks get None. Shards are padded to equal size, so a vocabulary that
     does not divide by tp still gathers in one collective."""
 
+    packed_weight: torch.Tensor | None = None  # oneDNN's copy of the weight (prepare_cpu_linears)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # [num_rows, vocab] fp32
-        logits = linear(hidden, self.weight)  # [num_rows, vocab_size / tp (padded)]
+        logits = linear(hidden, self.weight, None, self.packed_weight)  # [num_rows, vocab_size / tp (padded)]
         if self.tp.size > 1:
             logits = self.tp.gather_last_dim_to_first(logits)
             if logits is None:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from raylm.kernels.linear import linear
+from raylm.kernels import linear_plan
+from raylm.kernels.linear import can_pack, linear, pack_weight
 
 from raylm.workers.layers.parallel import SINGLE_DEVICE, TPGroup, divide, make_param, materialize
 
 
 class ColumnParallelLinear(torch.nn.Module):
     """y = x W^T (+ b) with W split along the output dimension; output stays sharded."""
+
+    packed_weight: torch.Tensor | None = None  # oneDNN's copy of the weight (prepare_cpu_linears)
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool, dtype: torch.dtype,
                  device: torch.device, tp: TPGroup = SINGLE_DEVICE) -> None:
@@ -34,7 +37,7 @@ class ColumnParallelLinear(torch.nn.Module):
         _copy(param.data, loaded_weight.narrow(0, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, out / tp]
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed_weight)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -99,6 +102,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(torch.nn.Module):
     """y = sum over ranks of x_r W_r^T (+ b): W split along the input dimension."""
 
+    packed_weight: torch.Tensor | None = None  # oneDNN's copy of the weight (prepare_cpu_linears)
+
     def __init__(self, input_size: int, output_size: int, *, bias: bool, dtype: torch.dtype,
                  device: torch.device, tp: TPGroup = SINGLE_DEVICE) -> None:
         super().__init__()
@@ -119,10 +124,31 @@ class RowParallelLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, output_size]
         if self.tp.size == 1:
-            return linear(x, self.weight, self.bias)
-        out = self.tp.all_reduce(linear(x, self.weight))
+            return linear(x, self.weight, self.bias, self.packed_weight)
+        out = self.tp.all_reduce(linear(x, self.weight, None, self.packed_weight))
         # The bias is added once, after the reduction, not once per rank.
         return out if self.bias is None else out + self.bias
+
+
+def prepare_cpu_linears(model: torch.nn.Module) -> int:
+    """Measure the CPU matmul plan on ``model``'s own linear weights (kernels/linear_plan.py)
+    and keep a oneDNN-packed copy of each weight whose shape the plan runs packed at some row
+    count. Layers opt in with a ``packed_weight`` attribute. Returns the bytes the copies add."""
+    layers = [m for m in model.modules() if hasattr(m, "packed_weight")
+              and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    shape = {id(m): (m.weight.shape[1], m.weight.shape[0]) for m in layers}
+    # pack what calibration has to time (new shapes), then keep what the plan uses
+    trial = {id(m): pack_weight(m.weight) for m in layers
+             if can_pack(m.weight) and not linear_plan.measured(*shape[id(m)])}
+    linear_plan.calibrate([m.weight for m in layers], [trial.get(id(m)) for m in layers])
+    added = 0
+    for m in layers:
+        if can_pack(m.weight) and linear_plan.packs(*shape[id(m)]):
+            m.packed_weight = trial.get(id(m))
+            if m.packed_weight is None:
+                m.packed_weight = pack_weight(m.weight)
+            added += m.weight.numel() * m.weight.element_size()
+    return added
 
 
 def _copy(dst: torch.Tensor, src) -> None:

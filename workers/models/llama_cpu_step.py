@@ -18,14 +18,14 @@ import torch
 
 from raylm.kernels import attention_cpu
 from raylm.kernels.cpu_ops import load_extension
-from raylm.kernels.linear_plan import use_streaming
+from raylm.kernels import linear_plan
 from raylm.kernels.metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
 ENV = "RAYLM_CPU_FUSED_STEP"
-# bits of LlamaStepCpu.forward's stream_mask, in the order of _projections()
-_STREAM_BITS = (1, 2, 4, 8)
+# bits of LlamaStepCpu.forward's stream_mask and packed_mask, in the order of _projections()
+_PROJECTION_BITS = (1, 2, 4, 8)
 
 
 def enabled() -> bool:
@@ -75,6 +75,9 @@ class LlamaCpuStep:
         def bias(linear):
             return None if linear.bias is None else linear.bias.detach()
 
+        def packed(linear):
+            return linear.packed_weight
+
         layers = []
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -85,6 +88,7 @@ class LlamaCpuStep:
                 weight(down), bias(down),
                 weight(attn.q_norm) if attn.qk_norm else None,
                 weight(attn.k_norm) if attn.qk_norm else None,
+                packed(qkv), packed(o), packed(gate_up), packed(down),
             ])
         attn = model.layers[0].self_attn
         self._shapes = [(p.weight.shape[1], p.weight.shape[0]) for p in _projections(model.layers[0])]
@@ -112,10 +116,14 @@ class LlamaCpuStep:
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  meta: AttentionMetadata) -> torch.Tensor:  # [num_tokens, hidden], final-normed
         rows = hidden.shape[0]
-        mask = 0
-        for bit, (in_features, out_features) in zip(_STREAM_BITS, self._shapes):
-            if use_streaming(rows, in_features, out_features):
-                mask |= bit
+        stream_mask = packed_mask = 0
+        for bit, (in_features, out_features) in zip(_PROJECTION_BITS, self._shapes):
+            impl = linear_plan.choose(rows, in_features, out_features)
+            if impl == linear_plan.STREAM:
+                stream_mask |= bit
+            elif impl == linear_plan.PACKED:
+                packed_mask |= bit
         return self._step.forward(hidden, positions, [k for k, _ in kv_caches],
                                   [v for _, v in kv_caches], meta.slot_mapping,
-                                  meta.block_tables, meta.seq_lens, meta.query_start_loc, mask)
+                                  meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                  stream_mask, packed_mask)
