@@ -311,3 +311,22 @@ def test_compiled_ops_let_other_python_threads_run():
     kernel_s = sorted(calls)[len(calls) // 2]
     worst_gap = sorted(gaps)[-3]  # allow a couple of scheduler hiccups
     assert worst_gap < max(kernel_s / 2, 0.002), (worst_gap, kernel_s)
+
+
+def test_the_cpu_kv_pool_asks_for_huge_pages(monkeypatch):
+    """allocate_kv_caches advises every CPU cache tensor (untouched, so the first write gets 2 MiB
+    pages); a tensor smaller than one huge page is left alone."""
+    import os
+    import sys
+
+    from raylm.workers import kv_cache
+
+    advised = []
+    real = kv_cache.advise_huge_pages
+    monkeypatch.setattr(kv_cache, "advise_huge_pages", lambda t: advised.append(t) or real(t))
+    caches = kv_cache.allocate_kv_caches(2, 64, 16, 4, 64, torch.float32, torch.device("cpu"))
+    assert len(advised) == 4 and all(a is b for a, b in zip(advised, [t for kv in caches for t in kv]))
+    assert all(torch.equal(t[0], torch.zeros_like(t[0])) for kv in caches for t in kv)
+    has_thp = sys.platform.startswith("linux") and os.path.exists("/sys/kernel/mm/transparent_hugepage")
+    assert real(torch.empty(8 << 20, dtype=torch.uint8)) == has_thp
+    assert not real(torch.empty(1 << 20, dtype=torch.uint8))
