@@ -14,7 +14,8 @@
 //   and the tile are sized so that both fit L1 together (a group of 8 rows of a 1536-wide input
 //   alone fills it), and a tile is a whole number of register tiles (a leftover weight row uses a
 //   one-row register tile, not a scalar loop).
-// Whether this beats the BLAS GEMM is measured per shape at start-up (kernels/linear_plan.py).
+// Whether this beats the GEMMs (BLAS, or oneDNN on pre-packed weights: linear_packed below) is
+// measured per shape and row count at start-up (kernels/linear_plan.py).
 #include <torch/extension.h>
 
 #include <algorithm>
