@@ -139,7 +139,8 @@ def prepare_cpu_linears(model: torch.nn.Module) -> int:
     shape = {id(m): (m.weight.shape[1], m.weight.shape[0]) for m in layers}
     # pack what calibration has to time (new shapes), then keep what the plan uses
     trial = {id(m): pack_weight(m.weight) for m in layers
-             if can_pack(m.weight) and not linear_plan.measured(*shape[id(m)])}
+             if linear_plan.linear_impl() == "auto" and can_pack(m.weight)
+             and not linear_plan.measured(*shape[id(m)])}
     linear_plan.calibrate([m.weight for m in layers], [trial.get(id(m)) for m in layers])
     added = 0
     for m in layers:
