@@ -3,6 +3,7 @@ batches; the few-row streaming linear."""
 import itertools
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -333,3 +334,41 @@ def test_the_cpu_kv_pool_asks_for_huge_pages(monkeypatch):
     has_thp = sys.platform.startswith("linux") and os.path.exists("/sys/kernel/mm/transparent_hugepage")
     assert real(torch.empty(8 << 20, dtype=torch.uint8)) == has_thp
     assert not real(torch.empty(1 << 20, dtype=torch.uint8))
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_a_prefaulted_kv_pool_is_resident_and_keeps_its_bytes():
+    """prefault=True maps the whole pool at allocation (what `raylm serve` does): the process's
+    resident memory grows by the pool, block 0 is still zero, and populating a tensor that
+    already holds data leaves its bytes alone."""
+    from raylm.workers import kv_cache
+
+    before = _resident_bytes()
+    caches = kv_cache.allocate_kv_caches(2, 256, 16, 4, 64, torch.float32, torch.device("cpu"),
+                                         prefault=True)
+    pool = sum(t.numel() * t.element_size() for kv in caches for t in kv)  # 32 MiB
+    assert _resident_bytes() - before >= 0.9 * pool
+    assert all(torch.equal(t[0], torch.zeros_like(t[0])) for kv in caches for t in kv)
+
+    data = torch.randn(3 << 20)
+    kept = data.clone()
+    assert kv_cache.prefault_host([data]) in ("MADV_POPULATE_WRITE", "zeroed")
+    if kv_cache.prefault_host([data]) == "MADV_POPULATE_WRITE":
+        assert torch.equal(data, kept)
+
+
+def test_the_engine_and_the_server_pass_prefault_kv_cache_on():
+    """A user's switch reaches the cache config: `raylm serve` maps the pool up front unless
+    --no-prefault-kv-cache; the offline engine (and the test suite) does not by default."""
+    from raylm.cluster.config import EngineConfig
+    from raylm.cluster.serve.app import AppConfig
+
+    assert not EngineConfig.from_kwargs("m", device="cpu").cache.prefault_kv_cache
+    assert EngineConfig.from_kwargs("m", device="cpu", prefault_kv_cache=True).cache.prefault_kv_cache
+    assert AppConfig().engine_args()["prefault_kv_cache"] is True
+    assert AppConfig(prefault_kv_cache=False).engine_args()["prefault_kv_cache"] is False

@@ -36,6 +36,8 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     num_blocks_override: int | None = None  # tests: force a tiny pool
+    # CPU: map every page of the pool at start-up instead of at its first write in a step
+    prefault_kv_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -95,7 +95,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = kv_cache.allocate_kv_caches(
             self.model.num_layers, num_blocks, self.block_size, self.model.num_kv_heads,
-            self.model.head_dim, self.kv_dtype, self.device)
+            self.model.head_dim, self.kv_dtype, self.device,
+            prefault=self.cache_config.prefault_kv_cache)
         if self.device.type == "cuda" and not self.model_config.enforce_eager:
             from raylm.workers.cuda_graphs import CudaGraphRunner
 

@@ -107,7 +107,8 @@ class EngineClient:
         from raylm.cluster import AsyncEngine, SamplingParams
 
         self._engine = AsyncEngine(args.model, dtype=args.engine_dtype,
-                                   max_num_seqs=args.engine_max_num_seqs)
+                                   max_num_seqs=args.engine_max_num_seqs,
+                                   prefault_kv_cache=True)  # as the server's pool is
         self._params = SamplingParams(max_tokens=args.output_len, ignore_eos=True,
                                       temperature=0.0)
 

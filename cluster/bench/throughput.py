@@ -85,6 +85,7 @@ def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True, **en
         kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         enable_prefix_caching=enable_prefix_caching,
         seed=args.seed,
+        prefault_kv_cache=True,  # as `raylm serve` does: steady state, not the pool's first touch
         **engine,
     )
 

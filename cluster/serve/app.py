@@ -64,6 +64,8 @@ class AppConfig:
     seed: int = 0
     max_queued_requests: int | None = None
     stream_interval: int = 1  # tokens per streamed delta (the first token always at once)
+    # CPU: map the whole KV pool at start-up, so that no step pays a first-touch page fault
+    prefault_kv_cache: bool = True
     tensor_parallel_size: int = 1
     # speculative decoding, e.g. {"method": "ngram", "num_speculative_tokens": 4}
     speculative_config: dict[str, Any] | None = None
@@ -181,7 +183,7 @@ class AppConfig:
         engine_fields = ("model", "dtype", "device", "max_model_len", "gpu_memory_utilization",
                          "block_size", "kv_cache_dtype", "max_num_seqs", "max_num_batched_tokens",
                          "kv_cache_memory", "enable_prefix_caching", "seed", "max_queued_requests",
-                         "stream_interval", "speculative_config")
+                         "stream_interval", "speculative_config", "prefault_kv_cache")
         out = {k: v for k, v in asdict(self).items() if k in engine_fields and v is not None}
         out["max_queued_requests"] = self.max_queued_requests
         out["tensor_parallel_size"] = self.tensor_parallel_size

@@ -118,6 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='speculative decoding as JSON, e.g. '
                              '\'{"method": "ngram", "num_speculative_tokens": 4}\'')
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--no-prefault-kv-cache", action="store_true",
+                        help="CPU: map the KV pool's pages at their first use instead of at "
+                             "start-up (starts sooner; steps then pay the page faults)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="CPUs of the local Ray started when --address is not given")
@@ -140,6 +143,7 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
         "kv_cache_memory": args.kv_cache_memory, "max_queued_requests": args.max_queued_requests,
         "enable_prefix_caching": not args.no_prefix_caching, "seed": args.seed,
+        "prefault_kv_cache": not args.no_prefault_kv_cache,
         "stream_interval": args.stream_interval, "kv_cache_dtype": args.kv_cache_dtype,
         "speculative_config": args.speculative_config,
         "tensor_parallel_size": args.tp, "min_replicas": min_replicas,
