@@ -1,6 +1,7 @@
 """Frozen configuration of the control plane; the data-plane configs live in workers/config.py."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from raylm.workers.config import CacheConfig, ModelConfig, ParallelConfig
@@ -81,20 +82,52 @@ class SpeculativeConfig:
         return cls(**data)
 
 
+# stream_interval="auto" on a CPU device: (running requests at least, steps per delta), the
+# last row that applies wins. On 2 cores at 32 streams each message cost ~0.1 ms of CPU next to a
+# ~31 ms step: the served streams reached 0.92 of the in-process engine's tokens/s with a delta
+# per step and 0.99 with one per 2 steps (cluster/bench/serve.py, README "Serving cost").
+AUTO_STREAM_INTERVALS = ((16, 2), (64, 3))
+
+
+def parse_stream_interval(text: str) -> int | str:
+    """A --stream-interval flag: "auto" or an int (EngineConfig checks that it is >= 1)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an int >= 1 or 'auto', got {text!r}") from None
+
+
+def auto_stream_interval(num_running: int, device: str) -> int:
+    if device.startswith("cuda"):  # the host's cores are not the ones computing the step
+        return 1
+    interval = 1
+    for min_running, steps in AUTO_STREAM_INTERVALS:
+        if num_running >= min_running:
+            interval = steps
+    return interval
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
     parallel: ParallelConfig
-    # Streaming: send a request's delta every this many tokens (the first token at once).
-    # Larger values spend less CPU on messages per token (serving many streams on few cores).
-    stream_interval: int = 1
+    # Streaming: send a request's delta every this many steps with tokens (the first token and
+    # the last at once). Larger values spend less CPU on messages per token (serving many
+    # streams on few cores). "auto": 1, except on a CPU device with many requests running
+    # (AUTO_STREAM_INTERVALS), where each message's cost is taken from the step's own cores.
+    stream_interval: int | str = 1
     speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.stream_interval, int) or self.stream_interval < 1:
-            raise ValueError(f"stream_interval must be an int >= 1, got {self.stream_interval!r}")
+        if self.stream_interval != "auto" and (not isinstance(self.stream_interval, int)
+                                               or isinstance(self.stream_interval, bool)
+                                               or self.stream_interval < 1):
+            raise ValueError(f"stream_interval must be an int >= 1 or 'auto', got "
+                             f"{self.stream_interval!r}")
 
     @classmethod
     def from_kwargs(
@@ -121,7 +154,7 @@ class EngineConfig:
         max_queued_requests: int | None = None,
         tensor_parallel_size: int = 1,
         distributed_executor_backend: str = "auto",
-        stream_interval: int = 1,
+        stream_interval: int | str = 1,
         speculative_config: dict | None = None,
     ) -> "EngineConfig":
         if device is None:

@@ -8,7 +8,7 @@ import itertools
 import logging
 import time
 
-from raylm.cluster.config import EngineConfig
+from raylm.cluster.config import EngineConfig, auto_stream_interval
 from raylm.cluster.errors import QueueFullError
 from raylm.cluster.decoding import Logprobs
 from raylm.cluster.executor import make_executor
@@ -247,16 +247,24 @@ class EngineCore:
             if done:
                 touched[request.request_id] = request
         outputs = []
+        interval = self._stream_interval() if emit_deltas else 1
         for request in touched.values():
             if request.request_id not in self.requests:
                 continue  # failed after it was touched
             try:
-                outputs.extend(self._request_output(request, now, emit_deltas))
+                outputs.extend(self._request_output(request, now, emit_deltas, interval))
             except Exception as exc:  # noqa: BLE001 - e.g. detokenizing its text
                 failed.append(self._fail(request, exc))
         return outputs
 
-    def _request_output(self, request: Request, now: float, emit_deltas: bool
+    def _stream_interval(self) -> int:
+        """Steps per streamed delta this step (the config's, or the "auto" policy's for the
+        number of requests running now)."""
+        if self.config.stream_interval != "auto":
+            return self.config.stream_interval
+        return auto_stream_interval(len(self.scheduler.running), self.config.model.device)
+
+    def _request_output(self, request: Request, now: float, emit_deltas: bool, interval: int
                         ) -> list[RequestOutput]:
         if request.is_finished:
             request.finished_time = now
@@ -266,7 +274,7 @@ class EngineCore:
         if emit_deltas:
             request.num_unstreamed_steps += 1
             first = request.num_unstreamed_steps == 1 and not request.streamed_any
-            if first or request.num_unstreamed_steps >= self.config.stream_interval:
+            if first or request.num_unstreamed_steps >= interval:
                 request.num_unstreamed_steps = 0
                 request.streamed_any = True
                 return [make_request_output(request, final=False)]

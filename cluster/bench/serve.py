@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from raylm.cluster.bench import serve_routers
+from raylm.cluster.config import parse_stream_interval
 from raylm.cluster.bench.cpu_meter import CpuMeter
 from raylm.cluster.bench.serve_clients import CLIENTS, Sample
 from raylm.cluster.bench.report import format_table, png_path_for, write_json
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "for --router (default: the demo model)")
     parser.add_argument("--engine-max-num-seqs", type=int, default=256,
                         help="max_num_seqs of the in-process engine (match the server's)")
+    parser.add_argument("--engine-stream-interval", type=parse_stream_interval, default="auto",
+                        help="stream_interval of the in-process engine (match the server's "
+                             "--stream-interval; both default to auto)")
     parser.add_argument("--engine-dtype", default="auto",
                         help="dtype of the in-process engine (match the server's)")
     parser.add_argument("--host", default="127.0.0.1")

@@ -21,6 +21,7 @@ from raylm.cluster.serve.limits import (DEFAULT_MAX_REQUEST_BYTES, HANDLE_TRANSP
                                        api_key_from_env, export_limits, serve_transport_env)
 
 from raylm.cluster.cli import json_dict
+from raylm.cluster.config import parse_stream_interval
 
 APP_NAME = "raylm"
 APP_IMPORT_PATH = "raylm.cluster.serve.app:build_app"
@@ -111,9 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default=None,
                         choices=["auto", "float32", "float16", "bfloat16"],
                         help="KV cache dtype (default: the model's)")
-    parser.add_argument("--stream-interval", type=int, default=None,
-                        help="tokens per streamed delta (default 1); larger values cost less "
-                             "CPU per token when many streams share few cores")
+    parser.add_argument("--stream-interval", type=parse_stream_interval, default=None,
+                        help="steps per streamed delta, or 'auto' (default): 1, and on a CPU "
+                             "replica 2 from 16 running requests and 3 from 64, where each "
+                             "message's CPU cost is taken from the step's cores")
     parser.add_argument("--speculative-config", type=json_dict, default=None,
                         help='speculative decoding as JSON, e.g. '
                              '\'{"method": "ngram", "num_speculative_tokens": 4}\'')
