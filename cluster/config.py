@@ -83,9 +83,9 @@ class SpeculativeConfig:
 
 
 # stream_interval="auto" on a CPU device: (running requests at least, steps per delta), the
-# last row that applies wins. On 2 cores at 32 streams each message cost ~0.1 ms of CPU next to a
-# ~31 ms step: the served streams reached 0.92 of the in-process engine's tokens/s with a delta
-# per step and 0.99 with one per 2 steps (cluster/bench/serve.py, README "Serving cost").
+# last row that applies wins. On 2 cores at 32 streams a served message costs ~0.1 ms of CPU
+# next to a ~31 ms step (perf: the replica's event loop, Serve's direct ingress, gRPC, HAProxy
+# and the client took ~6 % of the machine's CPU samples).
 AUTO_STREAM_INTERVALS = ((16, 2), (64, 3))
 
 

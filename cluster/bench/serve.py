@@ -40,9 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "for --router (default: the demo model)")
     parser.add_argument("--engine-max-num-seqs", type=int, default=256,
                         help="max_num_seqs of the in-process engine (match the server's)")
-    parser.add_argument("--engine-stream-interval", type=parse_stream_interval, default="auto",
+    parser.add_argument("--engine-stream-interval", type=parse_stream_interval, default=1,
                         help="stream_interval of the in-process engine (match the server's "
-                             "--stream-interval; both default to auto)")
+                             "--stream-interval)")
     parser.add_argument("--engine-dtype", default="auto",
                         help="dtype of the in-process engine (match the server's)")
     parser.add_argument("--host", default="127.0.0.1")

@@ -65,7 +65,7 @@ class AppConfig:
     max_queued_requests: int | None = None
     # steps per streamed delta (the first and last token always at once); "auto": 1, or 2-3
     # on a CPU replica running many requests (cluster/config.py AUTO_STREAM_INTERVALS)
-    stream_interval: int | str = "auto"
+    stream_interval: int | str = 1
     # CPU: map the whole KV pool at start-up, so that no step pays a first-touch page fault
     prefault_kv_cache: bool = True
     tensor_parallel_size: int = 1

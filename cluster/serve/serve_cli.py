@@ -113,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "float32", "float16", "bfloat16"],
                         help="KV cache dtype (default: the model's)")
     parser.add_argument("--stream-interval", type=parse_stream_interval, default=None,
-                        help="steps per streamed delta, or 'auto' (default): 1, and on a CPU "
+                        help="steps per streamed delta (default 1), or 'auto': 1, and on a CPU "
                              "replica 2 from 16 running requests and 3 from 64, where each "
                              "message's CPU cost is taken from the step's cores")
     parser.add_argument("--speculative-config", type=json_dict, default=None,
