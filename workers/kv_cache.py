@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -93,8 +94,6 @@ def prefault_host(tensors: list[torch.Tensor]) -> str:
     >= 5.14) maps the pages without writing to them, in chunks over as many threads as torch
     computes with; elsewhere the tensors are zeroed. Returns which of the two ran."""
     if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
         chunks = []
         for tensor in tensors:  # page-aligned spans (populating never changes a page's bytes)
             start = tensor.data_ptr() // _SMALL_PAGE * _SMALL_PAGE
@@ -103,8 +102,7 @@ def prefault_host(tensors: list[torch.Tensor]) -> str:
                        for at in range(start, end, _PREFAULT_CHUNK)]
 
         def populate(chunk: tuple[int, int]) -> bool:  # ctypes drops the GIL for the call
-            return libc.madvise(ctypes.c_void_p(chunk[0]), ctypes.c_size_t(chunk[1]),
-                                _MADV_POPULATE_WRITE) == 0
+            return _madvise(*chunk, _MADV_POPULATE_WRITE)
 
         with concurrent.futures.ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
             done = list(pool.map(populate, chunks))
@@ -136,6 +134,16 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
     last = end // _HUGE_PAGE * _HUGE_PAGE
     if last <= first:
         return False
+    return _madvise(first, last - first, _MADV_HUGEPAGE)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_HUGEPAGE) == 0
+    return libc
+
+
+def _madvise(address: int, length: int, advice: int) -> bool:
+    """madvise(2) on [address, address + length) (address page-aligned); True on success."""
+    return _libc().madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), advice) == 0

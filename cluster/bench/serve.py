@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from raylm.cluster.bench import serve_routers
-from raylm.cluster.config import parse_stream_interval
 from raylm.cluster.bench.cpu_meter import CpuMeter
 from raylm.cluster.bench.serve_clients import CLIENTS, Sample
 from raylm.cluster.bench.report import format_table, png_path_for, write_json
+from raylm.cluster.config import parse_stream_interval
 
 _WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
           "boxing matches near the river bank under bright autumn skies").split()
