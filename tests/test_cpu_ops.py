@@ -387,3 +387,31 @@ def test_the_engine_and_the_server_pass_prefault_kv_cache_on():
     assert EngineConfig.from_kwargs("m", device="cpu", prefault_kv_cache=True).cache.prefault_kv_cache
     assert AppConfig().engine_args()["prefault_kv_cache"] is True
     assert AppConfig(prefault_kv_cache=False).engine_args()["prefault_kv_cache"] is False
+
+
+@pytest.mark.parametrize("rows,n", [(1, 1), (1, 15), (3, 16), (1, 32000), (200, 32000), (7, 1037)])
+def test_argmax_rows_matches_torch_first_index_and_nan(rows, n):
+    from raylm.kernels.argmax import argmax_rows
+
+    g = torch.Generator().manual_seed(rows * 100003 + n)
+    x = torch.randn(rows, n, generator=g)
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    # ties: few distinct values, so every row's max repeats across lanes and the tail
+    ties = torch.randint(0, 3, (rows, n), generator=g).float()
+    assert torch.equal(argmax_rows(ties), ties.argmax(dim=-1))
+    # a masked row (all -inf) picks index 0; a NaN wins at its first position, as in torch
+    special = x.clone()
+    special[0] = float("-inf")
+    if rows > 1:
+        special[-1, n // 2] = float("nan")
+        special[-1, n - 1] = float("nan")
+    assert torch.equal(argmax_rows(special), special.argmax(dim=-1))
+    # a strided view of rows (logits of a larger buffer)
+    wide = torch.randn(rows, n + 9, generator=g)[:, 3:n + 3]
+    assert torch.equal(argmax_rows(wide), wide.argmax(dim=-1))
+    # leading dims ([seqs, k + 1, vocab] in speculative verification), and a transposed view
+    # that cannot be flattened without a copy (torch's own argmax then)
+    cube = torch.randn(2, rows, n, generator=g)
+    assert torch.equal(argmax_rows(cube), cube.argmax(dim=-1))
+    swapped = cube.transpose(0, 1)
+    assert torch.equal(argmax_rows(swapped), swapped.argmax(dim=-1))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from raylm.kernels.argmax import argmax_rows
 from raylm.workers.sampler import step_seed
 
 _MIN_EXP = 1e-20
@@ -63,7 +64,7 @@ def rejection_sample(
     assert target_probs.shape == (num_seqs, k + 1, vocab), target_probs.shape
     if bool(is_greedy.all()):
         # Only the argmax matters (target_probs may even be logits): no randomness, no residual.
-        return _greedy(draft_token_ids, target_probs.argmax(dim=2), num_draft_tokens)
+        return _greedy(draft_token_ids, argmax_rows(target_probs), num_draft_tokens)
     u, e = _uniform_and_exp(num_seqs, k, vocab, seeds, step_ids, device)
 
     # Acceptance of each draft position.
@@ -73,7 +74,7 @@ def rejection_sample(
     else:
         q_draft = draft_probs.gather(2, draft_token_ids.unsqueeze(2)).squeeze(2)
     accepted = u * q_draft < p_draft  # u < p/q without dividing by a q of 0: [S, k]
-    argmax = target_probs.argmax(dim=2)  # [S, k + 1]
+    argmax = argmax_rows(target_probs)  # [S, k + 1]
     greedy_accept = draft_token_ids == argmax[:, :k]
     accepted = torch.where(is_greedy.unsqueeze(1), greedy_accept, accepted)
     has_draft = torch.ones_like(accepted)
@@ -95,7 +96,7 @@ def rejection_sample(
     # A residual of all zeros (p == q) is never reached by a rejection; keep it drawable.
     empty = residual.sum(dim=2, keepdim=True) <= 0
     residual = torch.where(empty, target_probs, residual)
-    drawn = (residual / e.clamp_min(_MIN_EXP)).argmax(dim=2)  # [S, k + 1], unnormalised is fine
+    drawn = argmax_rows(residual / e.clamp_min(_MIN_EXP))  # [S, k + 1], unnormalised is fine
     last = torch.where(is_greedy.unsqueeze(1), argmax, drawn)
     final = last.gather(1, num_accepted.unsqueeze(1)).squeeze(1)  # [S]
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from raylm.kernels.argmax import argmax_rows
+
 from .logits_processors import (
     apply_penalties,
     apply_token_bitmask,
@@ -71,11 +73,11 @@ class Sampler:
         greedy_rows = [i for i, t in enumerate(meta.temperature) if t == 0.0]
         random_rows = [i for i, t in enumerate(meta.temperature) if t != 0.0]
         if not random_rows:
-            sampled = logits.argmax(dim=-1)
+            sampled = argmax_rows(logits)
         elif not greedy_rows:
             sampled = self._sample_random(logits, meta, random_rows)
         else:
-            sampled = logits.argmax(dim=-1)
+            sampled = argmax_rows(logits)
             rows = torch.tensor(random_rows, dtype=torch.int64, device=logits.device)
             sampled[rows] = self._sample_random(logits[rows], meta, random_rows)
 
@@ -202,7 +204,7 @@ class Sampler:
                 gen = torch.Generator(device=device)
                 gen.manual_seed(step_seed(seed, meta.step_ids[i]))
                 q[j].exponential_(generator=gen)
-        return probs.div_(q.clamp_min_(_MIN_EXP)).argmax(dim=-1)
+        return argmax_rows(probs.div_(q.clamp_min_(_MIN_EXP)))
 
     @staticmethod
     def _random_probs(

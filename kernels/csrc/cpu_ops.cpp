@@ -18,5 +18,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_cpu", &rotary_cpu, "neox rotary in place on q and k, CPU fp32", nogil());
   m.def("silu_and_mul_cpu", &silu_and_mul_cpu, "silu(gate) * up, CPU fp32", nogil());
   m.def("write_kv_cpu", &write_kv_cpu, "scatter k/v rows into the paged cache, CPU", nogil());
+  m.def("argmax_rows_cpu", &argmax_rows_cpu, "torch.argmax(x, -1) of fp32 rows, CPU", nogil());
   bind_llama_cpu(m);
 }

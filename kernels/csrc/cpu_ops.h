@@ -24,4 +24,5 @@ void rotary_cpu(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
 torch::Tensor silu_and_mul_cpu(torch::Tensor x);
 void write_kv_cpu(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
                   torch::Tensor v_cache, torch::Tensor slot_mapping);
+torch::Tensor argmax_rows_cpu(torch::Tensor x);
 void bind_llama_cpu(pybind11::module& m);
