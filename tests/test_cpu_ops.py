@@ -391,7 +391,7 @@ def test_the_engine_and_the_server_pass_prefault_kv_cache_on():
 
 @pytest.mark.parametrize("rows,n", [(1, 1), (1, 15), (3, 16), (1, 32000), (200, 32000), (7, 1037)])
 def test_argmax_rows_matches_torch_first_index_and_nan(rows, n):
-    from raylm.kernels.argmax import argmax_rows
+    from raylm.kernels.row_pick import argmax_rows
 
     g = torch.Generator().manual_seed(rows * 100003 + n)
     x = torch.randn(rows, n, generator=g)
@@ -415,3 +415,40 @@ def test_argmax_rows_matches_torch_first_index_and_nan(rows, n):
     assert torch.equal(argmax_rows(cube), cube.argmax(dim=-1))
     swapped = cube.transpose(0, 1)
     assert torch.equal(argmax_rows(swapped), swapped.argmax(dim=-1))
+
+
+def test_inverse_cdf_draws_match_the_reference_and_the_distribution():
+    from raylm.kernels.row_pick import sample_rows, sample_rows_reference
+
+    g = torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn(64, 3000, generator=g) * 2, dim=-1)
+    probs[:, 7::11] = 0.0  # filtered tokens (top-k / top-p / min-p leave zeros)
+    probs[3] = 0.0
+    probs[3, 2999] = 5.0  # unnormalised, one entry (the last) left
+    u = torch.rand(64, dtype=torch.float64, generator=g)
+    u[0], u[1] = 0.0, 1.0 - 2 ** -53  # both ends of [0, 1)
+    picked = sample_rows(probs, u)
+    assert torch.equal(picked, sample_rows_reference(probs, u))
+    assert (probs.gather(1, picked.unsqueeze(1)) > 0).all()
+    assert picked[3] == 2999
+
+    # one row drawn many times: the counts follow its probabilities (chi-square)
+    row = torch.softmax(torch.randn(40, generator=g), dim=-1)
+    row[5] = 0.0
+    draws = 40_000
+    counts = torch.bincount(sample_rows(row.expand(draws, 40).contiguous(),
+                                        torch.rand(draws, dtype=torch.float64, generator=g)),
+                            minlength=40)
+    assert counts[5] == 0
+    keep = row > 0
+    expected = row[keep].double() / row[keep].sum() * draws
+    stat = float(((counts[keep].double() - expected) ** 2 / expected).sum())
+    dof = int(keep.sum()) - 1
+    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                            torch.tensor(stat / 2, dtype=torch.float64)))
+    assert p_value > 1e-3, (stat, dof)
+
+    # a row of NaNs (a broken model) gives an index, not a crash: its first NaN, as the race did
+    broken = torch.full((2, 100), float("nan"))
+    broken[1, :10] = 0.0
+    assert sample_rows(broken, torch.zeros(2, dtype=torch.float64)).tolist() == [0, 10]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from raylm.kernels.argmax import argmax_rows
+from raylm.kernels.row_pick import argmax_rows
 from raylm.workers.sampler import step_seed
 
 _MIN_EXP = 1e-20

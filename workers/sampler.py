@@ -2,9 +2,11 @@
 
 Order (Hugging Face's): repetition penalty -> presence / frequency penalties -> temperature ->
 top-k -> top-p -> min-p. Greedy rows (temperature 0) take the argmax of the penalized logits;
-random rows are drawn with the exponential race `argmax(probs / q)`, `q ~ Exp(1)` i.i.d. per
-token, which samples exactly from `probs`. Seeded rows draw `q` from a generator seeded by
-(seed, step_id), so a seeded request's tokens depend neither on the batch nor on preemption.
+random rows are drawn exactly from `probs`: on GPU with the exponential race `argmax(probs / q)`,
+`q ~ Exp(1)` i.i.d. per token; on CPU by inverse CDF, one uniform per row (the race's exponentials
+cost more than the forward there: 122 ms for a [200, 32000] batch). Seeded rows draw their
+randomness from a generator seeded by (seed, step_id), so a seeded request's tokens depend
+neither on the batch nor on preemption.
 
 Logprobs are the model's: log_softmax of the RAW logits, before penalties, temperature and
 filtering (what OpenAI and vLLM's default report), so they say how likely the model found each
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raylm.kernels.argmax import argmax_rows
+from raylm.kernels.row_pick import argmax_rows, sample_rows
 
 from .logits_processors import (
     apply_penalties,
@@ -49,6 +51,13 @@ def step_seed(seed: int, step_id: int) -> int:
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     x ^= x >> 31
     return x & ((1 << 63) - 1)
+
+
+def _seeded(seed: int, step_id: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of a seeded request's draw at output index `step_id`."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(step_seed(seed, step_id))
+    return gen
 
 
 class Sampler:
@@ -195,16 +204,29 @@ class Sampler:
     ) -> torch.Tensor:  # [num_random] int64
         probs = cls._random_probs(logits, meta, rows)  # [num_random, vocab]
         device = logits.device
+        if device.type == "cpu":
+            # One uniform per row and an inverse-CDF walk (kernels/csrc/sample_cpu.cpp): on CPU
+            # the race's exponential per vocabulary entry cost more than the step's forward.
+            return sample_rows(probs, cls._uniforms(meta, rows))
         q = torch.empty_like(probs)  # [num_random, vocab]
         if any(meta.seeds[i] is None for i in rows):
             q.exponential_()  # engine RNG, one batched draw; seeded rows are overwritten below
         for j, i in enumerate(rows):
             seed = meta.seeds[i]
             if seed is not None:
-                gen = torch.Generator(device=device)
-                gen.manual_seed(step_seed(seed, meta.step_ids[i]))
-                q[j].exponential_(generator=gen)
+                q[j].exponential_(generator=_seeded(seed, meta.step_ids[i], device))
         return argmax_rows(probs.div_(q.clamp_min_(_MIN_EXP)))
+
+    @staticmethod
+    def _uniforms(meta: SamplingMetadata, rows: list[int]) -> torch.Tensor:  # [len(rows)] float64
+        """A uniform in [0, 1) per row: seeded rows from their own (seed, step) generator, the
+        others from the engine RNG in one draw."""
+        u = torch.rand(len(rows), dtype=torch.float64)
+        for j, i in enumerate(rows):
+            seed = meta.seeds[i]
+            if seed is not None:
+                u[j] = torch.rand(1, dtype=torch.float64, generator=_seeded(seed, meta.step_ids[i]))
+        return u
 
     @staticmethod
     def _random_probs(

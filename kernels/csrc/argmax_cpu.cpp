@@ -6,9 +6,8 @@
 // Here each of 16 lanes keeps its running max and index (a strict > keeps the first one), and
 // the lanes are merged at the end (ties: the smallest index). NaNs are found with integer
 // compares on the bit pattern, which -ffast-math cannot fold away.
-#include <torch/extension.h>
+#include "cpu_ops.h"
 
-#include <cstring>
 #include <limits>
 
 #if defined(__AVX512F__)
@@ -18,15 +17,9 @@
 namespace {
 constexpr int64_t kParallelElements = 1 << 16;
 
-inline bool is_nan(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  return (bits & 0x7fffffffu) > 0x7f800000u;
-}
-
 int64_t argmax_scalar(const float* x, int64_t begin, int64_t n, int64_t best) {
   for (int64_t i = begin; i < n; ++i) {
-    if (is_nan(x[i])) return i;
+    if (is_nan_bits(x[i])) return i;
     if (x[i] > x[best]) best = i;
   }
   return best;
@@ -34,7 +27,7 @@ int64_t argmax_scalar(const float* x, int64_t begin, int64_t n, int64_t best) {
 
 int64_t first_nan(const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
-    if (is_nan(x[i])) return i;
+    if (is_nan_bits(x[i])) return i;
   return -1;
 }
 

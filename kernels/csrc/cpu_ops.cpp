@@ -19,5 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul_cpu", &silu_and_mul_cpu, "silu(gate) * up, CPU fp32", nogil());
   m.def("write_kv_cpu", &write_kv_cpu, "scatter k/v rows into the paged cache, CPU", nogil());
   m.def("argmax_rows_cpu", &argmax_rows_cpu, "torch.argmax(x, -1) of fp32 rows, CPU", nogil());
+  m.def("sample_rows_cpu", &sample_rows_cpu,
+        "one inverse-CDF draw per row of fp32 probabilities, fp64 uniforms, CPU", nogil());
   bind_llama_cpu(m);
 }

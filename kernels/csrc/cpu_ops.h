@@ -2,7 +2,22 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <cstdint>
+#include <cstring>
 #include <tuple>
+
+// NaN / infinity tests on the bit pattern: the ops build with -ffast-math, under which the
+// compiler may fold std::isnan and std::isfinite to constants.
+inline bool is_nan_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return (bits & 0x7fffffffu) > 0x7f800000u;
+}
+inline bool is_finite_bits(double v) {
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return ((bits >> 52) & 0x7ffu) != 0x7ffu;
+}
 
 torch::Tensor paged_attention_cpu(torch::Tensor query, torch::Tensor k_cache,
                                   torch::Tensor v_cache, torch::Tensor block_tables,
@@ -25,4 +40,5 @@ torch::Tensor silu_and_mul_cpu(torch::Tensor x);
 void write_kv_cpu(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
                   torch::Tensor v_cache, torch::Tensor slot_mapping);
 torch::Tensor argmax_rows_cpu(torch::Tensor x);
+torch::Tensor sample_rows_cpu(torch::Tensor probs, torch::Tensor uniforms);
 void bind_llama_cpu(pybind11::module& m);
