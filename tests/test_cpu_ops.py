@@ -452,3 +452,28 @@ def test_inverse_cdf_draws_match_the_reference_and_the_distribution():
     broken = torch.full((2, 100), float("nan"))
     broken[1, :10] = 0.0
     assert sample_rows(broken, torch.zeros(2, dtype=torch.float64)).tolist() == [0, 10]
+
+
+@pytest.mark.parametrize("vocab", [7, 50, 32000])
+def test_top_p_without_sort_drops_what_the_sort_drops(vocab):
+    from raylm.kernels.top_p import top_p_filter_cpu
+
+    g = torch.Generator().manual_seed(vocab)
+    rows = 24
+    logits = torch.randn(rows, vocab, generator=g) * torch.linspace(0.5, 6, rows).unsqueeze(1)
+    logits[1, : vocab // 3] = float("-inf")  # already filtered (top-k, banned tokens)
+    top_p = torch.linspace(0.05, 1.0, rows, dtype=torch.float64)
+    top_p[2] = 1e-9  # only the best token survives
+    # the reference: Hugging Face's rule on an ascending sort
+    sorted_logits, ids = logits.sort(dim=-1)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum <= (1.0 - top_p).float().unsqueeze(1)
+    remove[:, -1] = False
+    expected = logits.masked_fill(remove.scatter(1, ids, remove), float("-inf"))
+    got = top_p_filter_cpu(logits, top_p)
+    differ = (got.isinf() != expected.isinf()).sum(dim=-1)
+    # the same tokens, up to fp rounding at the cut (one token at most, in a rare row)
+    assert int((differ > 0).sum()) <= 1 and int(differ.max()) <= 1, differ
+    assert torch.equal(got[~got.isinf()], logits[~got.isinf()])
+    assert int((~got[2].isinf()).sum()) == 1 and got[2].argmax() == logits[2].argmax()
+    assert not got[-1].isinf().any() or logits[-1].isinf().any()  # top_p = 1 keeps everything

@@ -80,10 +80,11 @@ def apply_top_k_top_p_min_p(
 ) -> torch.Tensor:
     """Mask filtered tokens with -inf (HF order: top-k, then top-p, then min-p). Returns a new tensor.
 
-    Pass None for a filter no row uses; that skips its work. One ascending sort serves both top-k
-    and top-p. top-k keeps ties with the k-th logit (as HF's TopKLogitsWarper); top-p drops the
-    lowest tokens whose cumulative probability is <= 1 - top_p and always keeps the best token;
-    min-p drops tokens whose probability is below min_p times the best token's.
+    Pass None for a filter no row uses; that skips its work. On CPU fp32, top-p needs no sort
+    (`_top_p_without_sort`); elsewhere one ascending sort serves both top-k and top-p. top-k
+    keeps ties with the k-th logit (as HF's TopKLogitsWarper); top-p drops the lowest tokens
+    whose cumulative probability is <= 1 - top_p and always keeps the best token; min-p drops
+    tokens whose probability is below min_p times the best token's.
     `top_p` is float64 so that `1 - top_p` rounds exactly as HF's Python-float arithmetic.
     Without top-p, top-k uses a partial `topk` instead of a full sort; `max_top_k` (the largest k
     of the rows using top-k, known on the host) spares a device sync to find it.
@@ -91,6 +92,9 @@ def apply_top_k_top_p_min_p(
     vocab = logits.shape[1]
     if top_k is not None and top_p is None:
         logits = _apply_top_k_only(logits, top_k, max_top_k)
+    elif top_p is not None and (filtered := _top_p_without_sort(logits, top_k, top_p,
+                                                                 max_top_k)) is not None:
+        logits = filtered
     elif top_p is not None:
         sorted_logits, sorted_ids = logits.sort(dim=-1)  # ascending, [num_rows, vocab]
         if top_k is not None:
@@ -108,6 +112,20 @@ def apply_top_k_top_p_min_p(
         threshold = min_p.to(probs.dtype).unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
         logits = logits.masked_fill(probs < threshold, _NEG_INF)
     return logits
+
+
+def _top_p_without_sort(logits, top_k, top_p, max_top_k) -> torch.Tensor | None:
+    """CPU: top-k by a partial `topk`, then top-p by bisection over the logits' order
+    (kernels/csrc/top_p_cpu.cpp), the same tokens as the sort below up to fp rounding at the
+    cut and the order of tied logits; the sort took 250 ms over a [200, 32000] batch. None
+    where the kernel does not apply (GPU, 16-bit logits, no compiler)."""
+    from raylm.kernels.top_p import top_p_filter_cpu
+
+    if logits.device.type != "cpu" or logits.dtype != torch.float32:
+        return None
+    if top_k is not None:
+        logits = _apply_top_k_only(logits, top_k, max_top_k)
+    return top_p_filter_cpu(logits, top_p)
 
 
 def _apply_top_k_only(

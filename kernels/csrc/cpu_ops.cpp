@@ -21,5 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows_cpu", &argmax_rows_cpu, "torch.argmax(x, -1) of fp32 rows, CPU", nogil());
   m.def("sample_rows_cpu", &sample_rows_cpu,
         "one inverse-CDF draw per row of fp32 probabilities, fp64 uniforms, CPU", nogil());
+  m.def("top_p_filter_cpu", &top_p_filter_cpu,
+        "top-p filtering by bisection over the logits, no sort, CPU fp32", nogil());
   bind_llama_cpu(m);
 }

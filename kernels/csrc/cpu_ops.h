@@ -41,4 +41,5 @@ void write_kv_cpu(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
                   torch::Tensor v_cache, torch::Tensor slot_mapping);
 torch::Tensor argmax_rows_cpu(torch::Tensor x);
 torch::Tensor sample_rows_cpu(torch::Tensor probs, torch::Tensor uniforms);
+torch::Tensor top_p_filter_cpu(torch::Tensor logits, torch::Tensor probs, torch::Tensor top_p);
 void bind_llama_cpu(pybind11::module& m);
