@@ -101,7 +101,7 @@ ROW_PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("use_top_p", [True, False], ids=["sort_path", "topk_path"])
+@pytest.mark.parametrize("use_top_p", [True, False], ids=["top_p_path", "topk_path"])
 def test_processors_match_hf_per_row_in_one_batch(use_top_p: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     vocab, rows = 256, ROW_PARAMS
@@ -135,6 +135,30 @@ def test_processors_match_hf_per_row_in_one_batch(use_top_p: bool) -> None:
     for i, params in enumerate(rows):
         ref = hf_process(logits[i], prompts[i] + outputs[i], outputs[i], **params)
         assert_same_filtered_logits(ours[i], ref)
+
+
+def test_penalties_touch_only_the_histories_and_match_the_dense_formula() -> None:
+    """The gather/scatter penalties equal, bit for bit, the dense formula over [rows, vocab]."""
+    gen = torch.Generator().manual_seed(11)
+    rows, vocab = 9, 5000
+    logits = torch.randn(rows, vocab, generator=gen) * 4
+    prompts = [torch.randint(vocab, (int(n),), generator=gen).tolist()
+               for n in torch.randint(0, 40, (rows,), generator=gen)]
+    outputs = [torch.randint(60, (int(n),), generator=gen).tolist()  # many repeats
+               for n in torch.randint(0, 50, (rows,), generator=gen)]
+    prompt_ids, output_ids = pad_token_ids(prompts, vocab), pad_token_ids(outputs, vocab)
+    rep = torch.rand(rows, generator=gen) + 0.5
+    presence, frequency = torch.randn(rows, generator=gen), torch.randn(rows, generator=gen)
+    counts = torch.zeros(rows, vocab + 1).scatter_add_(
+        1, output_ids, torch.ones_like(output_ids, dtype=torch.float32))[:, :vocab]
+    seen = torch.zeros(rows, vocab + 1, dtype=torch.bool).scatter_(1, prompt_ids, True)[:, :vocab]
+    seen |= counts > 0
+    dense = torch.where(seen, torch.where(logits < 0, logits * rep[:, None], logits / rep[:, None]),
+                        logits)
+    dense = dense - frequency[:, None] * counts
+    dense = dense - presence[:, None] * (counts > 0).float()
+    ours = apply_penalties(logits, prompt_ids, output_ids, rep, presence, frequency)
+    assert torch.equal(ours, dense)
 
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
