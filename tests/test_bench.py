@@ -80,6 +80,20 @@ def test_throughput_of_a_mixed_decoding_batch(model_dir, tmp_path):
     assert data["decoding"] == "mixed" and data["results"]["raylm"]["output_tokens_per_s"] > 0
 
 
+def test_throughput_with_sampling_against_hf_sampling(model_dir, tmp_path):
+    out = tmp_path / "sampling.json"
+    args = _parse(throughput, [
+        "--model", model_dir, "--num-prompts", "4", "--prompt-len", "8", "--output-len", "4",
+        "--baseline", "hf", "--hf-batch-sizes", "4", "--decoding", "sampling",
+        "--kv-cache-memory", KV_CACHE_BYTES, "--out", str(out), "--no-png",
+    ])
+    assert throughput.run(args) == 0  # every request, both sides, returned its output length
+    data = json.loads(out.read_text())
+    assert data["decoding"] == "sampling" and "do_sample" in data["hf"]["method"]
+    assert data["results"]["raylm"]["output_tokens"] == data["results"]["hf"]["output_tokens"]
+    assert data["output_throughput_ratio"] > 0
+
+
 def test_latency_command_writes_decode_time_and_floor_fraction(model_dir, tmp_path, capsys):
     out = tmp_path / "latency.json"
     args = _parse(latency, [

@@ -52,9 +52,11 @@ def _pad_token_id(model: torch.nn.Module) -> int:
 
 @torch.inference_mode()
 def generate_batch(
-    model: torch.nn.Module, batch: Sequence[BenchRequest], device: str, streamer: Any = None
+    model: torch.nn.Module, batch: Sequence[BenchRequest], device: str, streamer: Any = None,
+    sampling: dict[str, float] | None = None,
 ) -> list[list[int]]:
-    """Greedy-generate one static batch; returns each request's own output token ids.
+    """Generate one static batch, greedy or with `sampling` (temperature / top_p: HF's
+    do_sample, top-k off); returns each request's own output token ids.
 
     `streamer` (optional) is a transformers streamer: generate calls its put() once for the
     prompt and once per step."""
@@ -70,7 +72,8 @@ def generate_batch(
         input_ids[row, max_prompt - request.prompt_len :] = torch.tensor(request.prompt_token_ids)
         attention_mask[row, max_prompt - request.prompt_len :] = 1
     config = GenerationConfig(
-        do_sample=False,
+        do_sample=sampling is not None,
+        **({"top_k": 0, **sampling} if sampling is not None else {}),
         max_new_tokens=max_new,
         min_new_tokens=max_new,
         pad_token_id=pad_id,
@@ -97,6 +100,7 @@ def run_static_batches(
     batch_size: int,
     device: str,
     show_progress: bool = True,
+    sampling: dict[str, float] | None = None,
 ) -> RunResult:
     """Time `requests` through HF generate in static batches sorted by length (the oracle order)."""
     if batch_size < 1:
@@ -105,7 +109,7 @@ def run_static_batches(
     batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
     start = time.perf_counter()
     for batch in tqdm(batches, desc=f"hf generate (batch {batch_size})", disable=not show_progress):
-        generate_batch(model, batch, device)
+        generate_batch(model, batch, device, sampling=sampling)
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -123,6 +127,7 @@ def choose_batch_size(
     requests: Sequence[BenchRequest],
     batch_sizes: Sequence[int],
     device: str,
+    sampling: dict[str, float] | None = None,
 ) -> tuple[int, dict[int, float]]:
     """Time one batch per batch size; returns the size with the best output tokens/s and every
     size's output tokens/s.
@@ -143,7 +148,8 @@ def choose_batch_size(
     ]
     scores: dict[int, float] = {}
     for size in tqdm(sizes, desc="hf batch size probe"):
-        result = run_static_batches(model, probe[:size], size, device, show_progress=False)
+        result = run_static_batches(model, probe[:size], size, device, show_progress=False,
+                                    sampling=sampling)
         scores[size] = result.output_tokens_per_s
         logger.info("hf probe: batch %d -> %.1f output tokens/s", size, scores[size])
     best = max(scores, key=scores.__getitem__)
@@ -156,6 +162,7 @@ def run_hf_baseline(
     dtype: str,
     device: str,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    sampling: dict[str, float] | None = None,
 ) -> tuple[RunResult, dict[str, object]]:
     """Load the checkpoint with transformers, pick the best static batch size, time all requests.
 
@@ -164,14 +171,15 @@ def run_hf_baseline(
     model = load_hf_model(model_path, dtype, device)
     warmup = BenchRequest(list(requests[0].prompt_token_ids[:8]), 2)
     generate_batch(model, [warmup], device)
-    best, scores = choose_batch_size(model, requests, batch_sizes, device)
+    best, scores = choose_batch_size(model, requests, batch_sizes, device, sampling)
     logger.info("hf: running %d requests in static batches of %d", len(requests), best)
-    result = run_static_batches(model, requests, best, device)
+    result = run_static_batches(model, requests, best, device, sampling=sampling)
     details: dict[str, object] = {
         "batch_size": best,
         "probe_output_tokens_per_s": {str(k): v for k, v in scores.items()},
-        "method": "static batches sorted by (output_len, prompt_len), left padding, greedy, "
-        "min_new_tokens=max_new_tokens=batch max, only each request's own tokens counted",
+        "method": "static batches sorted by (output_len, prompt_len), left padding, "
+        + (f"do_sample {sampling}, " if sampling else "greedy, ")
+        + "min_new_tokens=max_new_tokens=batch max, only each request's own tokens counted",
     }
     del model
     return result, details

@@ -65,9 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--hf-batch-sizes", type=_batch_sizes, default=[8, 16, 32, 64],
                         help="static batch sizes to try for the HF baseline (best one is used)")
-    parser.add_argument("--decoding", default="greedy", choices=("greedy", "mixed"),
-                        help="mixed: requests cycle through greedy, seeded sampling, beam search "
-                             "(4 beams) and contrastive search (alpha 0.6, top_k 4)")
+    parser.add_argument("--decoding", default="greedy", choices=("greedy", "sampling", "mixed"),
+                        help="sampling: every request temperature 0.8, top_p 0.95 (the HF baseline "
+                             "samples with the same settings); mixed: requests cycle through "
+                             "greedy, seeded sampling, beam search (4 beams) and contrastive "
+                             "search (alpha 0.6, top_k 4)")
     parser.add_argument("--speculative-config", type=json_dict, default=None,
                         help="also run raylm with this speculative decoding config (JSON), side "
                              "by side with plain decoding")
@@ -105,6 +107,15 @@ def greedy_params(output_len: int) -> Any:
     return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
 
 
+SAMPLING = {"temperature": 0.8, "top_p": 0.95}  # --decoding sampling, raylm and HF alike
+
+
+def sampling_params(output_len: int) -> Any:
+    from raylm.cluster import SamplingParams
+
+    return SamplingParams(max_tokens=output_len, ignore_eos=True, **SAMPLING)
+
+
 def mixed_params(index: int, output_len: int) -> Any:
     """Request i of a mixed batch: the four decoding kinds in turn, all running together."""
     from raylm.cluster import SamplingParams
@@ -131,6 +142,8 @@ def run_raylm(
     logger.info("raylm: generating %d requests", len(requests))
     if getattr(args, "decoding", "greedy") == "mixed":
         params = [mixed_params(i, r.output_len) for i, r in enumerate(requests)]
+    elif getattr(args, "decoding", "greedy") == "sampling":
+        params = [sampling_params(r.output_len) for r in requests]
     else:
         params = [greedy_params(r.output_len) for r in requests]
     start = time.perf_counter()
@@ -255,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
         from raylm.cluster.bench.hf_baseline import run_hf_baseline
 
         hf_result, details = run_hf_baseline(
-            args.model, requests, args.dtype, device, args.hf_batch_sizes
+            args.model, requests, args.dtype, device, args.hf_batch_sizes,
+            sampling=SAMPLING if args.decoding == "sampling" else None,
         )
         results["hf"] = result_dict(hf_result, counts, peak)
         data["hf"] = details
