@@ -361,8 +361,12 @@ def test_a_prefaulted_kv_pool_is_resident_and_keeps_its_bytes():
     from raylm.workers import kv_cache
 
     args = (2, 4096, 16, 4, 64, torch.float32, torch.device("cpu"))
+    probe = torch.empty(16 << 20)  # the size of one pool tensor
+    fresh = _resident_fraction(probe) < 0.5  # False: the allocator hands out touched memory
+    del probe  # (a process whose heap grew past its mmap threshold: seen once in the suite)
     lazy = kv_cache.allocate_kv_caches(*args)
-    assert all(_resident_fraction(t) < 0.5 for kv in lazy for t in kv)
+    if fresh:
+        assert all(_resident_fraction(t) < 0.5 for kv in lazy for t in kv)
     del lazy
     caches = kv_cache.allocate_kv_caches(*args, prefault=True)
     assert all(_resident_fraction(t) == 1.0 for kv in caches for t in kv)
