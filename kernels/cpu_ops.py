@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 _CSRC = pathlib.Path(__file__).parent / "csrc"
 SOURCES = ("cpu_ops.cpp", "paged_attention_cpu.cpp", "paged_attention_legacy_cpu.cpp",
            "linear_cpu.cpp", "elementwise_cpu.cpp", "kv_write_cpu.cpp", "llama_cpu.cpp",
-           "argmax_cpu.cpp", "sample_cpu.cpp", "top_p_cpu.cpp")
+           "argmax_cpu.cpp", "sample_cpu.cpp", "top_p_cpu.cpp", "logit_mask_cpu.cpp")
 HEADERS = ("cpu_ops.h",)  # part of the build's identity too
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
 LDFLAGS = ("-fopenmp",)

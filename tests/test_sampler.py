@@ -16,6 +16,7 @@ from raylm.workers.logits_processors import (
     apply_temperature,
     apply_top_k_top_p_min_p,
     compute_logprobs,
+    mask_token_ids,
     pad_token_ids,
 )
 from raylm.workers.model_input import SamplingMetadata
@@ -324,3 +325,21 @@ def test_top_k_top_p_extremes_keep_only_the_best_token() -> None:
     for params in (dict(top_k=[1] * 64), dict(top_p=[1e-6] * 64), dict(min_p=[1.0] * 64)):
         sampled = Sampler()(logits, make_meta(64, temperature=[5.0] * 64, **params)).sampled_token_ids
         assert torch.equal(sampled, best), params
+
+
+def test_mask_token_ids_sets_only_the_listed_ids():
+    """Banned ids (min_tokens' EOS, bad words) go to -inf; ids outside the vocabulary, repeats
+    and rows with nothing listed are harmless; the input is not modified."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g)
+    before = logits.clone()
+    banned = [[1, 1, 49], [], [0, 50, -3, 7], [2]]
+    got = mask_token_ids(logits, banned)
+    expected = logits.clone()
+    for r, row in enumerate(banned):
+        for t in row:
+            if 0 <= t < 50:
+                expected[r, t] = float("-inf")
+    assert torch.equal(got, expected) and torch.equal(logits, before)
+    assert int(got.isinf().sum()) == 5
+    assert torch.equal(mask_token_ids(logits, [[], [], [], []]), logits)

@@ -23,5 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one inverse-CDF draw per row of fp32 probabilities, fp64 uniforms, CPU", nogil());
   m.def("top_p_filter_cpu", &top_p_filter_cpu,
         "top-p filtering by bisection over the logits, no sort, CPU fp32", nogil());
+  m.def("top_k_filter_cpu", &top_k_filter_cpu,
+        "top-k filtering by bisection over the logits, no selection, CPU fp32", nogil());
+  m.def("mask_below_cpu", &mask_below_cpu,
+        "logits at -inf where values < the row's threshold, CPU fp32", nogil());
   bind_llama_cpu(m);
 }

@@ -42,4 +42,6 @@ void write_kv_cpu(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
 torch::Tensor argmax_rows_cpu(torch::Tensor x);
 torch::Tensor sample_rows_cpu(torch::Tensor probs, torch::Tensor uniforms);
 torch::Tensor top_p_filter_cpu(torch::Tensor logits, torch::Tensor probs, torch::Tensor top_p);
+torch::Tensor top_k_filter_cpu(torch::Tensor logits, torch::Tensor top_k);
+torch::Tensor mask_below_cpu(torch::Tensor values, torch::Tensor threshold, torch::Tensor logits);
 void bind_llama_cpu(pybind11::module& m);
