@@ -118,3 +118,26 @@ def test_seeded_sequences_do_not_depend_on_their_batch():
                                  [step])
         assert batch[0][i].tolist() == alone[0][0].tolist()
         assert batch[1][i] == alone[1][0]
+
+
+def test_a_mixed_batch_draws_only_for_its_sampled_sequences():
+    """Greedy rows carry raw logits (negative, -inf) next to sampled rows' probabilities: the
+    greedy rows follow the argmax, the sampled rows draw from their own rows only, and a batch
+    with no drafts (k = 0) emits one draw per sequence."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, K + 1, VOCAB, generator=g)
+    logits[0, :, 0] = float("-inf")
+    probs = torch.zeros(2, K + 1, VOCAB)
+    probs[1, :, 3] = 1.0  # the sampled sequence can only ever emit token 3
+    target = torch.where(torch.tensor([True, False]).view(2, 1, 1), logits, probs)
+    drafts = torch.tensor([logits[0, :K].argmax(-1).tolist(), [3, 1, 3]])
+    tokens, emitted = rejection_sample(drafts, target, None, torch.tensor([True, False]),
+                                       [None, 5], [0, 0])
+    assert emitted.tolist() == [K + 1, 2]  # greedy: all accepted; sampled: 1 then rejected
+    assert tokens[0].tolist() == logits[0].argmax(-1).tolist()
+    assert tokens[1, :2].tolist() == [3, 3] and tokens[1, 2:].eq(-1).all()
+    bonus = torch.zeros(2, 1, VOCAB)
+    bonus[0, 0, 2] = bonus[1, 0, 3] = 1.0
+    none, one = rejection_sample(torch.zeros(2, 0, dtype=torch.long), bonus, None,
+                                 torch.zeros(2, dtype=torch.bool), [None, None], [0, 0])
+    assert one.tolist() == [1, 1] and none[:, 0].tolist() == [2, 3]

@@ -18,31 +18,44 @@ from __future__ import annotations
 
 import torch
 
-from raylm.kernels.row_pick import argmax_rows
-from raylm.workers.sampler import step_seed
+from raylm.kernels.row_pick import argmax_rows, sample_rows
+from raylm.workers.sampler import _seeded
 
 _MIN_EXP = 1e-20
 _DRAW_SALT = 0x5DEECE66D  # separates the accept uniforms' seeds from the draw's
 
 
-def _uniform_and_exp(num_seqs: int, k: int, vocab: int, seeds: list[int | None],
-                     step_ids: list[int], device: torch.device
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """u [num_seqs, k] ~ U(0, 1) for the accept tests, e [num_seqs, k + 1, vocab] ~ Exp(1) for
-    the exponential race that draws the emitted token at any position."""
+def _accept_uniforms(num_seqs: int, k: int, seeds: list[int | None], step_ids: list[int],
+                     device: torch.device) -> torch.Tensor:  # [num_seqs, k] ~ U(0, 1)
+    """The accept tests' uniforms: seeded sequences from their (seed, step) generators."""
     u = torch.rand(num_seqs, max(k, 1), device=device)[:, :k]
-    e = torch.empty(num_seqs, k + 1, vocab, device=device).exponential_()
     for i, seed in enumerate(seeds):
         if seed is None:
             continue
-        for j in range(k + 1):
-            gen = torch.Generator(device=device)
-            gen.manual_seed(step_seed(seed, step_ids[i] + j))
-            if j < k:
-                u[i, j] = torch.rand((), generator=gen, device=device)
-            gen.manual_seed(step_seed(seed ^ _DRAW_SALT, step_ids[i] + j))
-            e[i, j].exponential_(generator=gen)
-    return u, e
+        for j in range(k):
+            u[i, j] = torch.rand((), generator=_seeded(seed, step_ids[i] + j, device), device=device)
+    return u
+
+
+def _draw(probs: torch.Tensor,  # [rows, vocab], unnormalised, each row summing to > 0
+          seeds: list[int | None], step_ids: list[int]) -> torch.Tensor:  # [rows] int64
+    """One draw per row; a seeded row's from its (seed, step) generator. CPU fp32: one uniform
+    and an inverse-CDF walk (as the sampler); elsewhere the exponential race."""
+    device = probs.device
+    if device.type == "cpu" and probs.dtype == torch.float32:
+        u = torch.rand(len(seeds), dtype=torch.float64)
+        for i, seed in enumerate(seeds):
+            if seed is not None:
+                u[i] = torch.rand((), dtype=torch.float64,
+                                  generator=_seeded(seed ^ _DRAW_SALT, step_ids[i]))
+        return sample_rows(probs, u)
+    e = torch.empty_like(probs)
+    if any(seed is None for seed in seeds):
+        e.exponential_()
+    for i, seed in enumerate(seeds):
+        if seed is not None:
+            e[i].exponential_(generator=_seeded(seed ^ _DRAW_SALT, step_ids[i], device))
+    return argmax_rows(probs / e.clamp_min_(_MIN_EXP))
 
 
 def rejection_sample(
@@ -65,7 +78,7 @@ def rejection_sample(
     if bool(is_greedy.all()):
         # Only the argmax matters (target_probs may even be logits): no randomness, no residual.
         return _greedy(draft_token_ids, argmax_rows(target_probs), num_draft_tokens)
-    u, e = _uniform_and_exp(num_seqs, k, vocab, seeds, step_ids, device)
+    u = _accept_uniforms(num_seqs, k, seeds, step_ids, device)
 
     # Acceptance of each draft position.
     p_draft = target_probs[:, :k].gather(2, draft_token_ids.unsqueeze(2)).squeeze(2)  # [S, k]
@@ -83,22 +96,32 @@ def rejection_sample(
         accepted &= has_draft
     # Length of the accepted prefix: positions before the first rejection.
     num_accepted = accepted.to(torch.int64).cumprod(dim=1).sum(dim=1)  # [S]
+    final = argmax.gather(1, num_accepted.unsqueeze(1)).squeeze(1)  # [S], right for greedy rows
 
-    # The token after the accepted prefix: drawn from the residual at a rejection, from p_k
-    # after a fully accepted run (row k has no draft: its residual is p_k itself).
-    if draft_probs is None:
-        q_full = torch.zeros_like(target_probs)
-        q_full[:, :k].scatter_(2, draft_token_ids.unsqueeze(2), 1.0)
-    else:
-        q_full = torch.cat([draft_probs, torch.zeros_like(target_probs[:, :1])], dim=1)
-    q_full[:, :k] *= has_draft.unsqueeze(2)  # past a sequence's drafts: bonus positions
-    residual = (target_probs - q_full).clamp_min_(0.0)  # [S, k + 1, vocab]
-    # A residual of all zeros (p == q) is never reached by a rejection; keep it drawable.
-    empty = residual.sum(dim=2, keepdim=True) <= 0
-    residual = torch.where(empty, target_probs, residual)
-    drawn = argmax_rows(residual / e.clamp_min(_MIN_EXP))  # [S, k + 1], unnormalised is fine
-    last = torch.where(is_greedy.unsqueeze(1), argmax, drawn)
-    final = last.gather(1, num_accepted.unsqueeze(1)).squeeze(1)  # [S]
+    # The sampled sequences' token after the accepted prefix, drawn at that position only: from
+    # the residual norm(max(p_j - q_j, 0)) at a rejection at j, from p_k after a fully accepted
+    # run or past a sequence's drafts (a bonus position: no q).
+    sampled = (~is_greedy).nonzero().squeeze(1)  # [R]
+    if sampled.numel() == 0:
+        return _emit(draft_token_ids, num_accepted, final)
+    pos = num_accepted[sampled]  # [R]
+    p_next = target_probs[sampled, pos]  # [R, vocab]
+    residual = p_next
+    if k > 0:
+        j = pos.clamp(max=k - 1)
+        at_draft = (pos < k) & has_draft[sampled, j]  # [R]
+        if draft_probs is None:
+            q_next = torch.zeros_like(p_next)
+            q_next.scatter_(1, draft_token_ids[sampled, j].unsqueeze(1), 1.0)
+        else:
+            q_next = draft_probs[sampled, j]  # [R, vocab]
+        residual = (p_next - q_next * at_draft.unsqueeze(1)).clamp_min_(0.0)
+        # A residual of all zeros (p == q) is never reached by a rejection; keep it drawable.
+        empty = residual.sum(dim=1, keepdim=True) <= 0
+        residual = torch.where(empty, p_next, residual)
+    rows, positions = sampled.tolist(), pos.tolist()
+    final[sampled] = _draw(residual, [seeds[i] for i in rows],
+                           [step_ids[i] + j for i, j in zip(rows, positions)])
 
     return _emit(draft_token_ids, num_accepted, final)
 
