@@ -19,6 +19,20 @@ inline bool is_finite_bits(double v) {
   return ((bits >> 52) & 0x7ffu) != 0x7ffu;
 }
 
+// Order-preserving map of a float to a signed int, and back (the map is its own inverse): -inf
+// lowest, positive NaNs above +inf (where torch.topk ranks NaN). Logit filters bisect over it.
+inline int32_t order_key(float v) {
+  int32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits >= 0 ? bits : (int32_t)(bits ^ 0x7fffffff);
+}
+inline float from_order_key(int32_t key) {
+  const int32_t bits = key >= 0 ? key : (int32_t)(key ^ 0x7fffffff);
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
 torch::Tensor paged_attention_cpu(torch::Tensor query, torch::Tensor k_cache,
                                   torch::Tensor v_cache, torch::Tensor block_tables,
                                   torch::Tensor seq_lens, torch::Tensor query_start_loc,

@@ -23,20 +23,6 @@ namespace {
 constexpr int64_t kParallelElements = 1 << 16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Order-preserving map of a float to a signed int, and back (the map is its own inverse).
-// Positive NaNs map above +inf, as torch.topk ranks NaN above every number.
-inline int32_t order_key(float v) {
-  int32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  return bits >= 0 ? bits : (int32_t)(bits ^ 0x7fffffff);
-}
-inline float from_key(int32_t key) {
-  const int32_t bits = key >= 0 ? key : (int32_t)(key ^ 0x7fffffff);
-  float v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-}
-
 int64_t count_at_or_above(const int32_t* keys, int64_t n, int32_t cut) {
   int64_t count = 0, i = 0;
 #if defined(__AVX512F__)
@@ -104,7 +90,7 @@ float kth_largest(const float* logits, int64_t n, int64_t k, std::vector<int32_t
     }
     if (at_or_above_lo * 4 <= active) active = keep_at_or_above(keys.data(), active, (int32_t)lo);
   }
-  return from_key((int32_t)lo);
+  return from_order_key((int32_t)lo);
 }
 
 void check_rows(const torch::Tensor& t, const char* name) {

@@ -22,13 +22,6 @@ namespace {
 constexpr int64_t kChunk = 1024;
 constexpr int64_t kParallelElements = 1 << 16;
 
-// Order-preserving map of a float to a signed int (-inf lowest; NaNs are not expected here).
-inline int32_t order_key(float v) {
-  int32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  return bits >= 0 ? bits : (int32_t)(bits ^ 0x7fffffff);
-}
-
 // sum of p[i] over keys[i] <= cut
 double mass_at_or_below(const int32_t* keys, const float* p, int64_t n, int32_t cut) {
   double total = 0.0;
