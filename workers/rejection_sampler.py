@@ -75,7 +75,8 @@ def rejection_sample(
     vocab = target_probs.shape[-1]
     device = target_probs.device
     assert target_probs.shape == (num_seqs, k + 1, vocab), target_probs.shape
-    if bool(is_greedy.all()):
+    greedy = is_greedy.tolist()
+    if all(greedy):
         # Only the argmax matters (target_probs may even be logits): no randomness, no residual.
         return _greedy(draft_token_ids, argmax_rows(target_probs), num_draft_tokens)
     u = _accept_uniforms(num_seqs, k, seeds, step_ids, device)
@@ -101,9 +102,8 @@ def rejection_sample(
     # The sampled sequences' token after the accepted prefix, drawn at that position only: from
     # the residual norm(max(p_j - q_j, 0)) at a rejection at j, from p_k after a fully accepted
     # run or past a sequence's drafts (a bonus position: no q).
-    sampled = (~is_greedy).nonzero().squeeze(1)  # [R]
-    if sampled.numel() == 0:
-        return _emit(draft_token_ids, num_accepted, final)
+    rows = [i for i, g in enumerate(greedy) if not g]  # at least one: not all greedy
+    sampled = torch.tensor(rows, dtype=torch.int64, device=device)  # [R]
     pos = num_accepted[sampled]  # [R]
     p_next = target_probs[sampled, pos]  # [R, vocab]
     residual = p_next
@@ -119,9 +119,10 @@ def rejection_sample(
         # A residual of all zeros (p == q) is never reached by a rejection; keep it drawable.
         empty = residual.sum(dim=1, keepdim=True) <= 0
         residual = torch.where(empty, p_next, residual)
-    rows, positions = sampled.tolist(), pos.tolist()
-    final[sampled] = _draw(residual, [seeds[i] for i in rows],
-                           [step_ids[i] + j for i, j in zip(rows, positions)])
+    row_seeds = [seeds[i] for i in rows]
+    # a seeded draw's generator needs its position (a host sync); unseeded draws need none
+    positions = pos.tolist() if any(s is not None for s in row_seeds) else [0] * len(rows)
+    final[sampled] = _draw(residual, row_seeds, [step_ids[i] + j for i, j in zip(rows, positions)])
 
     return _emit(draft_token_ids, num_accepted, final)
 
