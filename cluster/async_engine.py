@@ -13,11 +13,16 @@ has a tokenizer of its own (HF fast tokenizers must not be shared between thread
 prompts are tokenized on a third thread with a third copy so the loop keeps streaming. A step's
 outputs reach each event loop in one callback, and a stream whose reader fell behind gets its
 pending deltas as one merged item.
+
+``engine_process=True`` moves the EngineCore out of this process (cluster/engine_process.py): the
+step thread is then replaced by the engine process and a reader thread that hands its per-step
+output messages to the same delivery code.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import queue
 import threading
@@ -26,6 +31,7 @@ from typing import AsyncIterator
 
 from raylm.cluster.config import EngineConfig
 from raylm.cluster.engine_core import EngineCore
+from raylm.cluster.engine_process import EngineProcess
 from raylm.cluster.errors import EngineDeadError, QueueFullError, RequestFailedError
 from raylm.cluster.outputs import RequestOutput, merge_deltas
 from raylm.cluster.sampling_params import SamplingParams
@@ -76,8 +82,13 @@ def _load_tokenizer(path: str):
 
 
 class AsyncEngine:
-    def __init__(self, model: str, **kwargs) -> None:
+    """``engine_process=True`` runs the EngineCore in a child process (cluster/engine_process.py)
+    instead of a step thread of this one; the API is the same, except that ``core`` (the
+    EngineCore, for tests and tools) exists only in the thread mode."""
+
+    def __init__(self, model: str, engine_process: bool = False, **kwargs) -> None:
         config = EngineConfig.from_kwargs(model, **kwargs)
+        self.config = config
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Request) | ("abort", id)
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -85,19 +96,24 @@ class AsyncEngine:
         self._num_pending_adds = 0
         self._stopped = False
         self._error: BaseException | None = None
-        built: concurrent.futures.Future[EngineCore] = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._run, args=(config, built),
-                                        name="raylm-step-loop", daemon=True)
-        self._thread.start()
-        built.result()  # sets self.core; a failed build raises here, in the caller
+        self._ids = itertools.count()
+        self._proc: EngineProcess | None = None
+        if engine_process:
+            self.core = None
+            self._proc = EngineProcess(config, self._deliver_step, self._deliver_error,
+                                       self._fail_all)
+            path, self._max_model_len = self._proc.model_path, self._proc.max_model_len
+        else:
+            built: concurrent.futures.Future[EngineCore] = concurrent.futures.Future()
+            self._thread = threading.Thread(target=self._run, args=(config, built),
+                                            name="raylm-step-loop", daemon=True)
+            self._thread.start()
+            built.result()  # sets self.core; a failed build raises here, in the caller
+            path, self._max_model_len = self.core.executor.model_path, self.core.max_model_len
         try:
-            path = self.core.executor.model_path
             self.tokenizer = _load_tokenizer(path)  # the event loop's own copy
         except BaseException:
-            self._stopped = True
-            self._wake.set()
-            self._thread.join(timeout=10)
-            self.core.shutdown()
+            self._stop_engine()
             raise
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="raylm-tokenize",
@@ -122,11 +138,16 @@ class AsyncEngine:
 
     @property
     def max_model_len(self) -> int:
-        return self.core.max_model_len
+        return self._max_model_len
 
     @property
     def model_name(self) -> str:
-        return self.core.config.model.model
+        return self.config.model.model
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine process's pid (None in the thread mode)."""
+        return self._proc.pid if self._proc is not None else None
 
     # -- API --------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
@@ -136,22 +157,40 @@ class AsyncEngine:
         text = None
         if isinstance(prompt, str):
             text, prompt = prompt, await self.encode(prompt)
-        request = self.core.make_request(prompt, sampling_params, request_id, priority,
-                                         max_tokens_must_fit=max_tokens_must_fit,
-                                         prompt_text=text)
-        rid = request.request_id
         stream = _Stream(asyncio.get_running_loop())
-        with self._lock:
-            limit = self.core.config.scheduler.max_queued_requests
-            queued = len(self.core.scheduler.waiting) + self._num_pending_adds
-            if limit is not None and queued >= limit:
-                raise QueueFullError(f"{queued} requests are queued (max_queued_requests={limit})")
-            if rid in self._streams:
-                raise ValueError(f"request_id {rid!r} is already running")
-            self._streams[rid] = stream
-            self._num_pending_adds += 1
-        self._inbox.put(("add", request))
-        self._wake.set()
+        if self._proc is not None:
+            # validated in the engine process: a refusal comes back as this stream's error
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            command = ("add", dict(prompt=prompt, params=sampling_params, request_id=rid,
+                                   priority=priority, max_tokens_must_fit=max_tokens_must_fit,
+                                   prompt_text=text))
+            with self._lock:
+                if rid in self._streams:
+                    raise ValueError(f"request_id {rid!r} is already running")
+                self._streams[rid] = stream
+            try:
+                self._proc.send(command)
+            except BaseException:
+                with self._lock:
+                    self._streams.pop(rid, None)
+                raise
+        else:
+            request = self.core.make_request(prompt, sampling_params, request_id, priority,
+                                             max_tokens_must_fit=max_tokens_must_fit,
+                                             prompt_text=text)
+            rid = request.request_id
+            with self._lock:
+                limit = self.config.scheduler.max_queued_requests
+                queued = len(self.core.scheduler.waiting) + self._num_pending_adds
+                if limit is not None and queued >= limit:
+                    raise QueueFullError(f"{queued} requests are queued "
+                                         f"(max_queued_requests={limit})")
+                if rid in self._streams:
+                    raise ValueError(f"request_id {rid!r} is already running")
+                self._streams[rid] = stream
+                self._num_pending_adds += 1
+            self._inbox.put(("add", request))
+            self._wake.set()
         finished = False
         try:
             while True:
@@ -167,24 +206,50 @@ class AsyncEngine:
                 await self.abort(rid)
 
     async def abort(self, request_id: str) -> None:
+        if self._proc is not None:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if self._proc.alive():
+                self._proc.send(("abort", request_id))
+            return
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
     def get_stats(self) -> dict:
+        """The engine's counters; from the engine process, as of its last step or command."""
+        if self._proc is not None:
+            return dict(self._proc.stats)
         return self.core.get_stats()
+
+    def call_engine(self, name: str):
+        """EngineCore.<name>() (check_integrity, get_stats, check_health) run between two
+        steps, in whichever thread or process owns the engine."""
+        if self._proc is not None:
+            return self._proc.call(name)
+        return getattr(self.core, name)()  # from another thread: tests and tools, when idle
 
     def check_health(self) -> None:
         if self._error is not None:
             raise EngineDeadError(f"the engine's step loop died: {self._error!r}")
+        if self._proc is not None:
+            if self._stopped or not self._proc.alive():
+                raise EngineDeadError("the engine process is gone")
+            return
         if self._stopped or not self._thread.is_alive():
             raise EngineDeadError("the engine is shut down")
         self.core.check_health()
 
     def shutdown(self) -> None:
+        self._stop_engine()
+        self._tokenize_pool.shutdown(wait=False)
+
+    def _stop_engine(self) -> None:
         self._stopped = True
+        if self._proc is not None:
+            self._proc.shutdown()
+            return
         self._wake.set()
         self._thread.join(timeout=10)
-        self._tokenize_pool.shutdown(wait=False)
         self.core.shutdown()
 
     # -- step thread ------------------------------------------------------------------------
@@ -254,9 +319,13 @@ class AsyncEngine:
                 self._deliver_step(self.core.step(emit_deltas=True))
         except BaseException as e:  # noqa: BLE001 - the loop must report, not vanish
             logger.exception("engine step loop died")
-            self._error = e
-            with self._lock:
-                streams, self._streams = self._streams, {}
-            dead = EngineDeadError(f"the engine's step loop died: {e!r}")
-            for stream in streams.values():
-                stream.put(dead)
+            self._fail_all(e)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """The engine is gone: every open stream ends with EngineDeadError."""
+        self._error = error
+        with self._lock:
+            streams, self._streams = self._streams, {}
+        dead = EngineDeadError(f"the engine's step loop died: {error!r}")
+        for stream in streams.values():
+            stream.put(dead)

@@ -1,14 +1,22 @@
-"""AsyncEngine: streamed deltas add up, aborts free blocks, errors reach the caller."""
+"""AsyncEngine: streamed deltas add up, aborts free blocks, errors reach the caller; with the
+engine core on a step thread and in a process of its own (engine_process=True)."""
 import asyncio
+import os
+import signal
+import time
 
 import pytest
 
-from raylm.cluster import AsyncEngine, SamplingParams
+from raylm.cluster import LLM, AsyncEngine, SamplingParams
+from raylm.cluster.errors import EngineDeadError
+
+MODES = ["thread", "process"]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model):
-    eng = AsyncEngine(str(tiny_model("llama")), dtype="float32", max_queued_requests=64)
+@pytest.fixture(scope="module", params=MODES)
+def engine(request, tiny_model):
+    eng = AsyncEngine(str(tiny_model("llama")), dtype="float32", max_queued_requests=64,
+                      engine_process=request.param == "process")
     yield eng
     eng.shutdown()
 
@@ -61,18 +69,23 @@ def test_a_slow_reader_gets_merged_deltas_that_still_add_up(engine):
 def test_the_event_loop_tokenizes_with_its_own_tokenizer_and_long_prompts_off_the_loop(engine):
     from raylm.cluster.async_engine import OFFLOAD_TOKENIZE_CHARS
 
-    assert engine.tokenizer is not engine.core.tokenizer  # the step thread detokenizes with its
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(engine.core.executor.model_path if engine.core
+                                              else engine.config.model.model)
+    if engine.core is not None:
+        assert engine.tokenizer is not engine.core.tokenizer  # the step thread detokenizes with its
     long = " ".join(["the quick brown fox"] * (OFFLOAD_TOKENIZE_CHARS // 10))
     assert len(long) > OFFLOAD_TOKENIZE_CHARS
 
     async def main():
         ids = await engine.encode(long)
-        assert ids == engine.core.tokenizer.encode(long)
+        assert ids == reference.encode(long)
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
         async for out in engine.generate("Once upon a time", params):
             last = out
         assert last.prompt == "Once upon a time"
-        assert last.prompt_token_ids == engine.core.tokenizer.encode("Once upon a time")
+        assert last.prompt_token_ids == reference.encode("Once upon a time")
     asyncio.run(main())
 
 
@@ -87,7 +100,7 @@ def test_concurrent_streams_all_finish(engine):
     async def main():
         return await asyncio.gather(*(one(i) for i in range(16)))
     assert asyncio.run(main()) == [8] * 16
-    engine.core.check_integrity()
+    engine.call_engine("check_integrity")
 
 
 def test_leaving_the_stream_early_aborts_and_frees_blocks(engine):
@@ -100,7 +113,7 @@ def test_leaving_the_stream_early_aborts_and_frees_blocks(engine):
                 break
         assert await _wait_idle(engine)
     asyncio.run(main())
-    engine.core.check_integrity()
+    engine.call_engine("check_integrity")
 
 
 def test_cancelled_task_aborts(engine):
@@ -135,11 +148,12 @@ def test_bad_params_raise_value_error_before_streaming(engine):
     engine.check_health()
 
 
-def test_queue_limit_rejects_with_queue_full_and_keeps_serving(tiny_model):
+@pytest.mark.parametrize("mode", MODES)
+def test_queue_limit_rejects_with_queue_full_and_keeps_serving(tiny_model, mode):
     from raylm.cluster.errors import QueueFullError
 
     eng = AsyncEngine(str(tiny_model("llama")), dtype="float32", max_queued_requests=1,
-                      max_num_seqs=1)
+                      max_num_seqs=1, engine_process=mode == "process")
     try:
         async def one(i):
             try:
@@ -159,7 +173,7 @@ def test_queue_limit_rejects_with_queue_full_and_keeps_serving(tiny_model):
         assert "rejected" in results and 4 in results
         eng.check_health()
         assert asyncio.run(main()).count(4) >= 1
-        eng.core.check_integrity()
+        eng.call_engine("check_integrity")
     finally:
         eng.shutdown()
 
@@ -279,3 +293,70 @@ def test_a_failed_build_raises_in_the_caller_and_leaves_no_step_thread(tmp_path)
     with pytest.raises(ValueError, match="no-such-model"):
         AsyncEngine(str(tmp_path / "no-such-model"), dtype="float32")
     assert step_threads() == before
+
+
+def test_both_modes_generate_the_offline_engines_greedy_tokens(engine, tiny_model):
+    prompts = [[5 + i] * (3 + 2 * i) for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with LLM(str(tiny_model("llama")), dtype="float32") as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+    async def one(prompt):
+        async for out in engine.generate(prompt, params):
+            last = out
+        return last.outputs[0].token_ids
+
+    async def main():
+        return await asyncio.gather(*(one(p) for p in prompts))
+    assert asyncio.run(main()) == expected
+
+
+def test_refusals_name_the_field_and_counts_follow_the_work(engine):
+    """Validation runs where the engine is (the engine process too): its ValueError names the
+    field; the counters the servers read (get_stats: in the process mode the last snapshot,
+    without a round trip) follow the finished work."""
+    async def main():
+        before = engine.get_stats()["num_generation_tokens"]
+        with pytest.raises(ValueError, match="prompt_token_ids"):
+            async for _ in engine.generate([10 ** 9], SamplingParams()):
+                pass
+        async for _ in engine.generate([5, 6], SamplingParams(temperature=0, max_tokens=5,
+                                                               ignore_eos=True)):
+            pass
+        assert await _wait_idle(engine)
+        assert engine.get_stats()["num_generation_tokens"] == before + 5
+    asyncio.run(main())
+    assert engine.call_engine("get_stats")["num_free_blocks"] == engine.get_stats()["num_total_blocks"]
+
+
+def test_a_killed_engine_process_ends_every_stream_with_engine_dead(tiny_model):
+    eng = AsyncEngine(str(tiny_model("llama")), dtype="float32", engine_process=True)
+    pid = eng.engine_pid
+    try:
+        async def main():
+            params = SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True)
+            n = 0
+            with pytest.raises(EngineDeadError):
+                async for _ in eng.generate([5, 6, 7], params):
+                    n += 1
+                    if n == 2:
+                        os.kill(pid, signal.SIGKILL)
+            with pytest.raises(EngineDeadError):
+                async for _ in eng.generate([5, 6, 7], params):
+                    pass
+        asyncio.run(asyncio.wait_for(main(), timeout=60))
+        with pytest.raises(EngineDeadError):
+            eng.check_health()
+    finally:
+        eng.shutdown()
+
+
+def test_shutdown_stops_the_engine_process(tiny_model):
+    eng = AsyncEngine(str(tiny_model("llama")), dtype="float32", engine_process=True)
+    pid = eng.engine_pid
+    assert os.path.exists(f"/proc/{pid}")
+    eng.shutdown()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}")

@@ -2,6 +2,7 @@
 gRPC, and exits 0 on SIGINT."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -209,3 +210,26 @@ def test_replica_and_router_flags_map_to_app_args():
         AppConfig(device="cpu", router="random")
 
 
+
+
+def test_the_engine_process_is_on_where_the_servers_get_a_core_and_the_engine_no_actors():
+    import argparse
+
+    from raylm.cluster.serve.app import AppConfig
+    from raylm.cluster.serve.serve_cli import add_arguments, app_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    from raylm.cluster.engine_process import by_default
+
+    assert AppConfig(device="cpu").engine_args()["engine_process"] is None  # the replica decides
+    cores = len(os.sched_getaffinity(0))
+    assert by_default("cpu", cores) is False and by_default("cpu", cores - 1) is (cores > 1)
+    assert by_default("cuda", 1) is True
+    assert AppConfig(device="cpu", tensor_parallel_size=2).engine_process is False
+    draft = {"model": "/some/draft", "num_speculative_tokens": 3}
+    assert AppConfig(device="cpu", speculative_config=draft).engine_process is False
+    assert AppConfig.from_args(app_args(parser.parse_args(
+        ["--engine-process", "off", "--device", "cpu"]))).engine_process is False
+    with pytest.raises(ValueError, match="engine_process"):
+        AppConfig(device="cpu", tensor_parallel_size=2, engine_process=True)

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-stream-interval", type=parse_stream_interval, default=1,
                         help="stream_interval of the in-process engine (match the server's "
                              "--stream-interval)")
+    parser.add_argument("--engine-process", choices=["on", "off"], default="off",
+                        help="the in-process engine's core in a process of its own (as the "
+                             "server's at --engine-process auto) or in a step thread")
     parser.add_argument("--engine-dtype", default="auto",
                         help="dtype of the in-process engine (match the server's)")
     parser.add_argument("--host", default="127.0.0.1")

@@ -109,7 +109,8 @@ class EngineClient:
         self._engine = AsyncEngine(args.model, dtype=args.engine_dtype,
                                    max_num_seqs=args.engine_max_num_seqs,
                                    stream_interval=args.engine_stream_interval,
-                                   prefault_kv_cache=True)  # as the server's pool is
+                                   prefault_kv_cache=True,  # as the server's pool is
+                                   engine_process=args.engine_process == "on")
         self._params = SamplingParams(max_tokens=args.output_len, ignore_eos=True,
                                       temperature=0.0)
 

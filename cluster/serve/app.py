@@ -69,6 +69,11 @@ class AppConfig:
     # CPU: map the whole KV pool at start-up, so that no step pays a first-touch page fault
     prefault_kv_cache: bool = True
     tensor_parallel_size: int = 1
+    # the EngineCore in a process of its own (cluster/engine_process.py: no GIL shared with
+    # the servers). None = auto: off where the engine uses Ray actors (tp > 1, a draft model);
+    # else decided in the replica, on where its compute leaves the servers a core (a GPU
+    # replica, a CPU replica on fewer threads than cores: engine_process.by_default)
+    engine_process: bool | None = None
     # speculative decoding, e.g. {"method": "ngram", "num_speculative_tokens": 4}
     speculative_config: dict[str, Any] | None = None
     # placement: resources of each tensor-parallel rank's bundle; None = on CPU the node's
@@ -150,6 +155,11 @@ class AppConfig:
             from raylm.cluster.config import SpeculativeConfig
 
             SpeculativeConfig.from_dict(self.speculative_config)  # fail at build, not in replicas
+        if self.engine_process is None and self._engine_uses_ray():
+            object.__setattr__(self, "engine_process", False)
+        elif self.engine_process and self._engine_uses_ray():
+            raise ValueError("engine_process needs an engine without Ray actors (tensor_parallel"
+                             "_size 1, no draft model): its process is not a Ray worker")
         if self.num_gpus_per_rank is None:
             object.__setattr__(self, "num_gpus_per_rank",
                                1.0 if self.device.startswith("cuda") else 0.0)
@@ -189,6 +199,7 @@ class AppConfig:
         out = {k: v for k, v in asdict(self).items() if k in engine_fields and v is not None}
         out["max_queued_requests"] = self.max_queued_requests
         out["tensor_parallel_size"] = self.tensor_parallel_size
+        out["engine_process"] = self.engine_process
         return out
 
     def replica_actor_options(self) -> dict[str, float]:
@@ -198,6 +209,9 @@ class AppConfig:
             return {"num_cpus": 0, "num_gpus": 0}
         return {"num_cpus": self.num_cpus_per_rank,
                 "num_gpus": self.num_gpus_per_rank - self._draft_gpu_share()}
+
+    def _engine_uses_ray(self) -> bool:
+        return self.tensor_parallel_size > 1 or bool((self.speculative_config or {}).get("model"))
 
     def _draft_gpu_share(self) -> float:
         """What a draft model's actor takes of bundle 0's GPU (it shares the bundle)."""

@@ -79,6 +79,15 @@ class LLMServer:
         engine_args = dict(engine_args)
         engine_args["model"] = resolve_model(engine_args.get("model"))
         _use_assigned_cpus()
+        if engine_args.get("engine_process") is None:
+            import torch
+
+            from raylm.cluster.engine_process import by_default
+
+            engine_args["engine_process"] = by_default(engine_args.get("device") or "cpu",
+                                                       torch.get_num_threads())
+        logger.info("the engine core runs %s", "in a process of its own"
+                    if engine_args["engine_process"] else "on a step thread of this replica")
         self.engine = AsyncEngine(**engine_args)
         self.tokenizer = self.engine.tokenizer
         self.model_name: str = self.engine.model_name

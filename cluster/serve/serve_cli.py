@@ -119,6 +119,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative-config", type=json_dict, default=None,
                         help='speculative decoding as JSON, e.g. '
                              '\'{"method": "ngram", "num_speculative_tokens": 4}\'')
+    parser.add_argument("--engine-process", choices=["auto", "on", "off"], default="auto",
+                        help="run the engine core in a process of its own, apart from the "
+                             "HTTP / gRPC servers' GIL (auto: on for a GPU replica or a CPU one "
+                             "computing on fewer threads than its cores, with --tp 1 and no "
+                             "draft model)")
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--no-prefault-kv-cache", action="store_true",
                         help="CPU: map the KV pool's pages at their first use instead of at "
@@ -160,6 +165,7 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
         "docs": False if args.disable_docs else None, "served_model_name": args.served_model_name,
         "handle_transport": args.handle_transport,
         "colocate_ingress": args.ingress == "colocated",
+        "engine_process": {"auto": None, "on": True, "off": False}[args.engine_process],
     }
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")

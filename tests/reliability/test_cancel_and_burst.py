@@ -1,4 +1,6 @@
-"""Cancellation and bursts through the whole serving path (issue 15), on one Serve session.
+"""Cancellation and bursts through the whole serving path (issue 15), on one Serve session
+whose engine core runs in a process of its own (engine_process; other modules cover the
+step-thread mode).
 
 - 50 SSE and 50 gRPC streams cancelled after their first chunk: every cancel reaches the engine
   (its abort counter), the replica's KV usage returns to idle, the server stays healthy.
@@ -33,7 +35,8 @@ LONG = 3000  # tokens a cancelled stream would generate if the cancel were lost
 @pytest.fixture(scope="module")
 def server(tiny_model):
     # a capped engine queue: a burst beyond it is told 429 / RESOURCE_EXHAUSTED, not kept waiting
-    with serve_session(str(tiny_model("llama")), max_num_seqs=64, max_queued_requests=256) as s:
+    with serve_session(str(tiny_model("llama")), max_num_seqs=64, max_queued_requests=256,
+                       engine_process=True) as s:
         yield s
 
 
