@@ -17,8 +17,9 @@ Wire: two socket pairs of pickled messages (multiprocessing.connection.Connectio
     from the engine:  ("ready", info) | ("failed", exc) | ("outputs", [RequestOutput], stats)
                       | ("error", request_id, exc) | ("stats", stats) | ("reply", token, result)
                       | ("dead", message)
-Every message from the engine after "ready" carries or is followed by its current stats, so
-``get_stats`` in the frontend answers from the last snapshot without a round trip. The child
+The engine's stats travel with a step's outputs when a request ended in it or every
+STATS_PERIOD_S, and after commands that leave it idle, so ``get_stats`` in the frontend answers
+from the last snapshot without a round trip. The child
 is started with ``python -m raylm.cluster.engine_process`` (not multiprocessing's spawn, which
 would re-import the parent's __main__: a Ray worker's). It exits on "stop", and when its parent
 dies: the command pipe then reads end-of-file (and the output pipe breaks) at the next step.
@@ -43,6 +44,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.05
+STATS_PERIOD_S = 0.05  # how stale the frontend's get_stats may be while requests run
 _START_TIMEOUT_S = 600.0  # loading a large checkpoint and pre-faulting its KV pool
 CALLS = ("check_integrity", "get_stats", "check_health")  # what ("call", ...) may run
 
@@ -83,6 +85,7 @@ class EngineLoop:
         self.outbox = outbox
 
     def run(self) -> None:
+        stats_sent = 0.0
         while True:
             busy = self.core.has_unfinished()
             changed = self._drain(0.0 if busy else _IDLE_WAIT_S)
@@ -90,7 +93,13 @@ class EngineLoop:
                 return
             if self.core.has_unfinished():
                 outputs = self.core.step(emit_deltas=True)
-                self.outbox.send(("outputs", outputs, self.core.get_stats()))
+                # stats when a request ended (its blocks are free now) or were last sent over
+                # STATS_PERIOD_S ago: a batch-1 step is a few ms, the dict and its pickle ~50 us
+                now = time.monotonic()
+                stats = None
+                if changed or now - stats_sent >= STATS_PERIOD_S or any(o.finished for o in outputs):
+                    stats, stats_sent = self.core.get_stats(), now
+                self.outbox.send(("outputs", outputs, stats))
             elif changed:
                 self.outbox.send(("stats", self.core.get_stats()))
 
@@ -263,7 +272,8 @@ class EngineProcess:
                 msg = self._out.recv()
                 kind = msg[0]
                 if kind == "outputs":
-                    self.stats = msg[2]
+                    if msg[2] is not None:
+                        self.stats = msg[2]
                     self._on_outputs(msg[1])
                 elif kind == "stats":
                     self.stats = msg[1]
