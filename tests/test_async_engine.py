@@ -1,6 +1,7 @@
 """AsyncEngine: streamed deltas add up, aborts free blocks, errors reach the caller; with the
 engine core on a step thread and in a process of its own (engine_process=True)."""
 import asyncio
+import itertools
 import os
 import signal
 import time
@@ -190,8 +191,12 @@ def test_stream_interval_batches_deltas_without_losing_tokens(tiny_model):
                 last = out
             return deltas, tokens, last
         deltas, tokens, last = asyncio.run(main())
-        # The first token at once, then every 4 steps, the rest with the final output.
-        assert deltas == [1, 4, 4, 4] and tokens == last.outputs[0].token_ids
+        # The first token at once, then every 4 steps, the rest with the final output: the
+        # engine emits after tokens 1, 5, 9 and 13. A reader that fell behind (a busy machine)
+        # gets adjacent deltas merged, so the stream ends at a subset of those points.
+        ends = list(itertools.accumulate(deltas))
+        assert set(ends) <= {1, 5, 9, 13} and ends[-1] == 13, deltas
+        assert tokens == last.outputs[0].token_ids
     finally:
         eng.shutdown()
 
