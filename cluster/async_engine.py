@@ -31,14 +31,13 @@ from typing import AsyncIterator
 
 from raylm.cluster.config import EngineConfig
 from raylm.cluster.engine_core import EngineCore
-from raylm.cluster.engine_process import EngineProcess
+from raylm.cluster.engine_process import IDLE_WAIT_S, EngineProcess
 from raylm.cluster.errors import EngineDeadError, QueueFullError, RequestFailedError
 from raylm.cluster.outputs import RequestOutput, merge_deltas
 from raylm.cluster.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-_IDLE_WAIT_S = 0.05
 # Prompts longer than this (characters) are tokenized off the event loop: ~1 ms of tokenizer
 # time and up; shorter ones cost less than the thread hop.
 OFFLOAD_TOKENIZE_CHARS = 4096
@@ -313,7 +312,7 @@ class AsyncEngine:
             while not self._stopped:
                 self._drain_inbox()
                 if not self.core.has_unfinished():
-                    self._wake.wait(_IDLE_WAIT_S)
+                    self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
                     continue
                 self._deliver_step(self.core.step(emit_deltas=True))

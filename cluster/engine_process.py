@@ -28,6 +28,7 @@ build a replica on a thread that does not outlive the constructor.)
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import pickle
@@ -43,7 +44,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-_IDLE_WAIT_S = 0.05
+IDLE_WAIT_S = 0.05  # an idle engine's wait for a command (thread or process)
 STATS_PERIOD_S = 0.05  # how stale the frontend's get_stats may be while requests run
 _START_TIMEOUT_S = 600.0  # loading a large checkpoint and pre-faulting its KV pool
 CALLS = ("check_integrity", "get_stats", "check_health")  # what ("call", ...) may run
@@ -88,7 +89,7 @@ class EngineLoop:
         stats_sent = 0.0
         while True:
             busy = self.core.has_unfinished()
-            changed = self._drain(0.0 if busy else _IDLE_WAIT_S)
+            changed = self._drain(0.0 if busy else IDLE_WAIT_S)
             if changed is None:
                 return
             if self.core.has_unfinished():
@@ -194,7 +195,7 @@ class EngineProcess:
         self._outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._replies: dict[int, Any] = {}
         self._reply_ready = threading.Condition()
-        self._next_token = 0
+        self._tokens = itertools.count()  # call() reply ids
         self.error: BaseException | None = None
         self._stopping = False
         self._cmd.send((config, torch.get_num_threads(), logging.getLogger().getEffectiveLevel()))
@@ -247,9 +248,7 @@ class EngineProcess:
 
     def call(self, name: str, timeout: float = 60.0) -> Any:
         """Run EngineCore.<name>() in the engine process between two steps; its result."""
-        with self._reply_ready:
-            token = self._next_token
-            self._next_token += 1
+        token = next(self._tokens)
         self.send(("call", (token, name)))
         deadline = time.monotonic() + timeout
         with self._reply_ready:
