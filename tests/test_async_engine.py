@@ -244,8 +244,8 @@ def test_auto_stream_interval_policy_and_flag():
 
     assert [auto_stream_interval(n, "cpu") for n in (1, 15, 16, 63, 64, 256)] == [1, 1, 2, 2, 3, 3]
     assert auto_stream_interval(256, "cuda:0") == 1
-    assert AppConfig().engine_args()["stream_interval"] == 1  # raylm serve's default (vLLM's)
-    assert AppConfig(stream_interval="auto").engine_args()["stream_interval"] == "auto"
+    assert AppConfig().engine_args()["stream_interval"] == "auto"  # raylm serve's default
+    assert AppConfig(stream_interval=1).engine_args()["stream_interval"] == 1
     assert parse_stream_interval("auto") == "auto" and parse_stream_interval("3") == 3
     with pytest.raises(argparse.ArgumentTypeError, match="auto"):
         parse_stream_interval("fast")

@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-max-num-seqs", type=int, default=256,
                         help="max_num_seqs of the in-process engine (match the server's)")
     parser.add_argument("--engine-stream-interval", type=parse_stream_interval, default=1,
-                        help="stream_interval of the in-process engine (match the server's "
-                             "--stream-interval)")
+                        help="stream_interval of the in-process engine (default 1, "
+                             "AsyncEngine's own; 'auto' is raylm serve's default)")
     parser.add_argument("--engine-process", choices=["on", "off"], default="off",
                         help="the in-process engine's core in a process of its own (as the "
                              "server's at --engine-process auto) or in a step thread")

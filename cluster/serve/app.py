@@ -63,9 +63,11 @@ class AppConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     max_queued_requests: int | None = None
-    # steps per streamed delta (the first and last token always at once); "auto": 1, or 2-3
-    # on a CPU replica running many requests (cluster/config.py AUTO_STREAM_INTERVALS)
-    stream_interval: int | str = 1
+    # steps per streamed delta (the first and last token always at once); "auto": 1 on a GPU
+    # and on a CPU replica running < 16 requests, 2-3 on a CPU replica running more
+    # (cluster/config.py AUTO_STREAM_INTERVALS), where every message's CPU comes out of the
+    # cores that compute the step
+    stream_interval: int | str = "auto"
     # CPU: map the whole KV pool at start-up, so that no step pays a first-touch page fault
     prefault_kv_cache: bool = True
     tensor_parallel_size: int = 1

@@ -113,9 +113,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "float32", "float16", "bfloat16"],
                         help="KV cache dtype (default: the model's)")
     parser.add_argument("--stream-interval", type=parse_stream_interval, default=None,
-                        help="steps per streamed delta (default 1), or 'auto': 1, and on a CPU "
-                             "replica 2 from 16 running requests and 3 from 64, where each "
-                             "message's CPU cost is taken from the step's cores")
+                        help="steps per streamed delta, or 'auto' (the default): 1 on a GPU, "
+                             "and on a CPU replica 1, 2 from 16 running requests and 3 from 64, "
+                             "where each message's CPU cost is taken from the step's cores "
+                             "(the first and the last token always go at once)")
     parser.add_argument("--speculative-config", type=json_dict, default=None,
                         help='speculative decoding as JSON, e.g. '
                              '\'{"method": "ngram", "num_speculative_tokens": 4}\'')
