@@ -64,6 +64,9 @@ class EngineCore:
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        # RequestOutputs handed out (streamed deltas and final outputs): per generated token,
+        # what stream_interval saves in messages
+        self.num_stream_outputs = 0
         self.num_aborted = 0  # requests ended by their caller (cancel, disconnect)
         self.num_failed = 0  # requests ended by an error in their own processing
         logger.info("engine ready in %.1fs: %s, max_model_len %d, %d KV blocks -> max %.1f "
@@ -252,7 +255,9 @@ class EngineCore:
             if request.request_id not in self.requests:
                 continue  # failed after it was touched
             try:
-                outputs.extend(self._request_output(request, now, emit_deltas, interval))
+                emitted = self._request_output(request, now, emit_deltas, interval)
+                self.num_stream_outputs += len(emitted)
+                outputs.extend(emitted)
             except Exception as exc:  # noqa: BLE001 - e.g. detokenizing its text
                 failed.append(self._fail(request, exc))
         return outputs
@@ -330,6 +335,7 @@ class EngineCore:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_prompt_tokens": self.num_prompt_tokens,
             "num_generation_tokens": self.num_generation_tokens,
+            "num_stream_outputs": self.num_stream_outputs,
             "num_aborted": self.num_aborted,
             "num_failed": self.num_failed,
             **self.executor.get_stats(),

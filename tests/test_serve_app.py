@@ -242,21 +242,35 @@ def test_http_client_disconnect_frees_blocks(server):
 
 
 def test_64_concurrent_streams_complete(server):
-    stub = server["stub"]
+    """64 streams at once under the default stream_interval="auto": the CPU replica sends
+    several tokens per message while >= 16 requests run, and no stream loses a token or text."""
+    from transformers import AutoTokenizer
 
-    def one(i: int) -> tuple[int, int, str]:
+    stub = server["stub"]
+    tokenizer = AutoTokenizer.from_pretrained(server["model"])
+
+    def one(i: int) -> tuple[list[int], str, int, str]:
         req = pb.GenerateRequest(prompt=f"{PROMPT} {i}",
-                                 sampling=pb.SamplingOptions(max_tokens=8 + i % 5, ignore_eos=True,
+                                 sampling=pb.SamplingOptions(max_tokens=40 + i % 5, ignore_eos=True,
                                                              temperature=0.8, seed=i))
         msgs = list(stub.GenerateStream(req, metadata=METADATA))
-        return sum(len(c.token_ids) for m in msgs for c in m.choices), msgs[-1].usage.completion_tokens, \
+        ids = [t for m in msgs for c in m.choices for t in c.token_ids]
+        text = "".join(c.text for m in msgs for c in m.choices)
+        return ids, text, msgs[-1].usage.completion_tokens, \
             msgs[-1].choices[-1].finish_reason
 
+    before = server["llm"].get_stats.remote().result()
     with cf.ThreadPoolExecutor(64) as pool:
         results = list(pool.map(one, range(64)))
-    for i, (streamed, usage, reason) in enumerate(results):
-        assert streamed == usage == 8 + i % 5 and reason == "length"
+    for i, (ids, text, usage, reason) in enumerate(results):
+        assert len(ids) == usage == 40 + i % 5 and reason == "length"
+        assert text == tokenizer.decode(ids, skip_special_tokens=True)
     assert wait_until(lambda: _idle(server["llm"]), timeout_s=30)
+    after = server["llm"].get_stats.remote().result()
+    tokens = after["num_generation_tokens"] - before["num_generation_tokens"]
+    outputs = after["num_stream_outputs"] - before["num_stream_outputs"]
+    # stream_interval 1 sends one output per token; "auto" under this load about half of that
+    assert tokens == sum(40 + i % 5 for i in range(64)) and outputs < 0.75 * tokens, (outputs, tokens)
 
 
 @pytest.mark.skipif(not pathlib.Path("/proc").is_dir(), reason="reads /proc")

@@ -20,6 +20,7 @@ _LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15
 _MONOTONIC_STATS = {
     "num_prompt_tokens": "raylm_prompt_tokens_total",
     "num_generation_tokens": "raylm_generation_tokens_total",
+    "num_stream_outputs": "raylm_stream_outputs_total",
     "num_preemptions": "raylm_num_preemptions_total",
     "spec_num_draft_tokens": "raylm_spec_draft_tokens_total",
     "spec_num_accepted_tokens": "raylm_spec_accepted_tokens_total",
