@@ -96,8 +96,12 @@ def test_compiled_ops_let_other_python_threads_run():
         stop.set()
         thread.join()
     kernel_s = sorted(calls)[len(calls) // 2]
-    worst_gap = sorted(gaps)[-3]  # allow a couple of scheduler hiccups
-    assert worst_gap < max(kernel_s / 2, 0.002), (worst_gap, kernel_s)
+    # With the GIL held through the kernel most sleeps would end only with the call (a gap of
+    # up to kernel_s, 75th percentile ~0.75 kernel_s); released, they wake on time. The 75th
+    # percentile, not the worst few: waking a thread while both cores run the kernel's OpenMP
+    # threads can take a few ms now and then (the full suite once saw three gaps of 4-5 ms).
+    gap = sorted(gaps)[len(gaps) * 3 // 4]
+    assert gap < max(kernel_s / 2, 0.002), (gap, kernel_s, sorted(gaps)[-5:])
 
 
 @pytest.mark.parametrize("rows,n", [(1, 1), (1, 15), (3, 16), (1, 32000), (200, 32000), (7, 1037)])
