@@ -83,10 +83,16 @@ class SpeculativeConfig:
 
 
 # stream_interval="auto" on a CPU device: (running requests at least, steps per delta), the
-# last row that applies wins. On 2 cores at 32 streams a served message costs ~0.1 ms of CPU
-# next to a ~31 ms step (perf: the replica's event loop, Serve's direct ingress, gRPC, HAProxy
-# and the client took ~6 % of the machine's CPU samples).
-AUTO_STREAM_INTERVALS = ((16, 2), (64, 3))
+# last row that applies wins. A served message costs c ~ 0.1-0.15 ms of the step's own cores
+# (the replica's event loop, Serve's direct ingress, gRPC or HTTP framing, HAProxy, the
+# client's socket, and the OpenMP barrier a preempted compute thread holds up), so n streams
+# at k steps per delta cost about n * c / (k * t_step(n)) of the step time. The rows keep that
+# at or below ~7 % on the 2-core dev VM (t_step ~ 18 ms at 16 streams, ~22 ms at 24, ~27 ms
+# at 32): k = 2 would cost ~8 % at 24 streams and ~9 % at 32. A client at concurrency C keeps
+# a little under C requests running (between one's end and the next one's start), hence 24
+# for the 32-stream level: there k = 2 measured 0.88-0.90x the in-process engine's tokens/s
+# over gRPC, k = 3 0.94-1.00x (README, "Serving path").
+AUTO_STREAM_INTERVALS = ((16, 2), (24, 3))
 
 
 def parse_stream_interval(text: str) -> int | str:

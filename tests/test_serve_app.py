@@ -273,6 +273,42 @@ def test_64_concurrent_streams_complete(server):
     assert tokens == sum(40 + i % 5 for i in range(64)) and outputs < 0.75 * tokens, (outputs, tokens)
 
 
+def test_bench_clients_time_every_token_of_a_several_token_message(server):
+    """`raylm bench serve`'s clients under the default stream interval at 64 streams (several
+    tokens per message): each counts every token and spreads a message's gap over its tokens,
+    the HTTP client through the chunks' continuous usage, so both report one inter-token latency
+    per token after the first."""
+    import argparse
+    import asyncio
+
+    from raylm.cluster.bench.serve_clients import GrpcClient, HttpClient, Sample
+
+    args = argparse.Namespace(host="127.0.0.1", http_port=server["http_port"],
+                              grpc_port=server["grpc_port"], app_name=APP, output_len=40)
+
+    async def run() -> list[Sample]:
+        clients = [HttpClient(args), GrpcClient(args)]
+        samples = [Sample() for _ in range(64)]
+        try:
+            await asyncio.gather(*(clients[i % 2].request(f"{PROMPT} {i}", s)
+                                   for i, s in enumerate(samples)))
+        finally:
+            for c in clients:
+                await c.close()
+        return samples
+
+    before = server["llm"].get_stats.remote().result()
+    samples = asyncio.run(run())
+    assert wait_until(lambda: _idle(server["llm"]), timeout_s=30)
+    after = server["llm"].get_stats.remote().result()
+    for s in samples:
+        assert s.error is None and s.num_output_tokens == 40 and len(s.itls) == 39
+        assert 0 < s.ttft <= s.e2e
+    tokens = after["num_generation_tokens"] - before["num_generation_tokens"]
+    outputs = after["num_stream_outputs"] - before["num_stream_outputs"]
+    assert tokens == 64 * 40 and outputs < 0.75 * tokens, (outputs, tokens)
+
+
 @pytest.mark.skipif(not pathlib.Path("/proc").is_dir(), reason="reads /proc")
 def test_the_model_replica_runs_at_the_priority_of_its_clients(server):
     """`raylm serve` starts Ray's workers at nice 0 (SERVE_PROCESS_ENV), not Ray's 15."""

@@ -22,13 +22,17 @@ class Sample:
 
 
 def record_message(sample: Sample, start: float, last: float, num_new_tokens: int) -> float:
-    """Account a streamed message carrying num_new_tokens; returns its arrival time."""
+    """Account a streamed message carrying num_new_tokens; returns its arrival time. Every
+    token after the first gets one inter-token latency."""
     if num_new_tokens <= 0:
         return last
     now = time.perf_counter()
     sample.num_output_tokens += num_new_tokens
     if sample.ttft is None:
         sample.ttft = now - start
+        # a first message of k tokens (a reader that fell behind merged deltas): the other
+        # k - 1 arrived with the first one
+        sample.itls += [0.0] * (num_new_tokens - 1)
     else:
         # a message of k tokens (n > 1, speculative steps) spreads its gap over them
         sample.itls += [(now - last) / num_new_tokens] * num_new_tokens
@@ -73,9 +77,14 @@ class HttpClient:
 
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        # continuous_usage_stats (vLLM's): every chunk says how many tokens it carries (its
+        # usage's completion_tokens so far), so a chunk of k tokens (stream_interval > 1)
+        # spreads its gap over k inter-token latencies, as a gRPC message does
         body = {"prompt": prompt, "max_tokens": self._output_len, "ignore_eos": True,
-                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+                "temperature": 0.0, "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
         start = last = time.perf_counter()
+        tokens_so_far = 0
         async with self._session.post(self._base + "/v1/completions", json=body) as resp:
             if resp.status != 200:
                 raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
@@ -88,8 +97,14 @@ class HttpClient:
                     # The final usage chunk: the exact count, whatever the stream interval.
                     sample.num_output_tokens = chunk["usage"]["completion_tokens"]
                     continue
-                # SSE chunks carry text, not ids: count one token per chunk until the usage.
-                last = record_message(sample, start, last, len(chunk.get("choices", [])))
+                # SSE chunks carry text, not ids; without a usage, one token per chunk
+                usage = chunk.get("usage")
+                if usage:
+                    new, tokens_so_far = (usage["completion_tokens"] - tokens_so_far,
+                                          usage["completion_tokens"])
+                else:
+                    new = len(chunk.get("choices", []))
+                last = record_message(sample, start, last, new)
         sample.e2e = time.perf_counter() - start
 
     async def close(self) -> None:
