@@ -90,8 +90,8 @@ class SpeculativeConfig:
 # at or below ~7 % on the 2-core dev VM (t_step ~ 18 ms at 16 streams, ~22 ms at 24, ~27 ms
 # at 32): k = 2 would cost ~8 % at 24 streams and ~9 % at 32. A client at concurrency C keeps
 # a little under C requests running (between one's end and the next one's start), hence 24
-# for the 32-stream level: there k = 2 measured 0.88-0.90x the in-process engine's tokens/s
-# over gRPC, k = 3 0.94-1.00x (README, "Serving path").
+# for the 32-stream level: there k = 2 measured 0.87-0.94x (mean 0.90) the in-process engine's
+# tokens/s over gRPC, k = 3 0.90-0.98x (mean 0.94), 5 runs each (README, "Serving path").
 AUTO_STREAM_INTERVALS = ((16, 2), (24, 3))
 
 
