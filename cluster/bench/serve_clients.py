@@ -34,7 +34,8 @@ def record_message(sample: Sample, start: float, last: float, num_new_tokens: in
         # k - 1 arrived with the first one
         sample.itls += [0.0] * (num_new_tokens - 1)
     else:
-        # a message of k tokens (n > 1, speculative steps) spreads its gap over them
+        # a message of k tokens (stream_interval > 1, speculative steps, n > 1) spreads its
+        # gap over them
         sample.itls += [(now - last) / num_new_tokens] * num_new_tokens
     return now
 
