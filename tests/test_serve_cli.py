@@ -18,14 +18,19 @@ from serve_process import (ROOT, check_serving, descendants, drain_output, start
 
 
 def test_serve_starts_answers_and_exits_on_sigint(tiny_model):
+    """The layout a multi-replica app uses (an Ingress deployment behind Serve's proxy actor),
+    asked for by name; the default layout is tested in test_serve_haproxy.py."""
     model = str(tiny_model("llama"))
     http_port, grpc_port = free_port(), free_port()
     proc, lines = start(["--model", model, "--http-port", str(http_port), "--grpc-port", str(grpc_port),
                          "--num-cpus", "2", "--dtype", "float32", "--device", "cpu",
-                         "--kv-cache-memory", str(32 << 20), "--max-num-seqs", "8"])
+                         "--kv-cache-memory", str(32 << 20), "--max-num-seqs", "8",
+                         "--ingress", "separate", "--proxy", "serve"])
     try:
         output = wait_for(lines, "Press Ctrl+C", timeout_s=240)
         assert any(model in line for line in output)
+        assert any("routes:      an Ingress deployment" in line for line in output)
+        assert not any("HAProxy" in line for line in output)
         assert any(f":{grpc_port}" in line for line in output)
         check_serving(model, http_port, grpc_port)
     finally:
@@ -210,6 +215,29 @@ def test_replica_and_router_flags_map_to_app_args():
         AppConfig(device="cpu", router="random")
 
 
+
+
+def test_the_routes_run_in_the_replica_unless_there_can_be_several():
+    """`--ingress auto` (the default) colocates the routes with a fixed single replica, and
+    keeps the Ingress deployment wherever replicas can be several (it routes across them)."""
+    import argparse
+
+    from raylm.cluster.serve.app import AppConfig
+    from raylm.cluster.serve.serve_cli import add_arguments, app_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def colocated(*flags: str) -> bool:
+        return app_args(parser.parse_args([*flags, "--device", "cpu"]))["colocate_ingress"]
+
+    assert colocated() and colocated("--replicas", "1") and colocated("--tp", "2")
+    assert not colocated("--max-replicas", "4") and not colocated("--replicas", "2")
+    assert not colocated("--ingress", "separate")
+    assert colocated("--ingress", "colocated")
+    with pytest.raises(ValueError, match="colocate_ingress needs exactly one replica"):
+        AppConfig.from_args(app_args(parser.parse_args(["--ingress", "colocated", "--replicas",
+                                                        "2", "--device", "cpu"])))
 
 
 def test_the_engine_process_is_on_where_the_servers_get_a_core_and_the_engine_no_actors():

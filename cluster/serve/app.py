@@ -113,7 +113,8 @@ class AppConfig:
     # channel to the replica (fewer hops per item), "actor" = Ray actor calls (Serve's default)
     handle_transport: str = "grpc"
     # the HTTP / gRPC routes inside the model replica (no ingress -> replica hop per streamed
-    # item; exactly one replica). Off by default: a replica that dies then takes its client
+    # item; exactly one replica). Off by default in a Serve config (`raylm serve` turns it on
+    # for a single replica: --ingress auto): a replica that dies then takes its client
     # connections with it (Serve's proxy cuts them: gRPC INTERNAL, an SSE stream without
     # [DONE]) where a separate Ingress answers UNAVAILABLE / an SSE error event (README
     # "Serving path")

