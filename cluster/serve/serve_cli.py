@@ -230,15 +230,16 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else None
     if config is None:
         app_args(args)  # flag errors before Ray starts
+    started_ray = not ray.is_initialized()
+    if started_ray and args.address is None:  # before HAProxy's ports are checked
+        for pid in stop_orphaned_haproxy():
+            print(f"stopped HAProxy (pid {pid}), left holding ports by a Ray that is gone "
+                  f"(a raylm serve killed without its shutdown)", flush=True)
     proxy, no_haproxy = resolve_proxy(args.proxy, joining_cluster=args.address is not None)
     front_env = proxy_env(proxy, joining_cluster=args.address is not None)
     stop = threading.Event()
-    started_ray = not ray.is_initialized()
     if started_ray:
         if args.address is None:  # the Ray processes we start (the gRPC proxy) inherit these
-            for pid in stop_orphaned_haproxy():
-                print(f"stopped HAProxy (pid {pid}), left holding ports by a Ray that is gone "
-                      f"(a raylm serve killed without its shutdown)", flush=True)
             export_limits(args.max_request_bytes)
             os.environ.update(serve_transport_env(args.max_request_bytes))
             os.environ.update(front_env)
