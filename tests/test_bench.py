@@ -176,6 +176,20 @@ def test_roofline_measures_positive_hardware_figures():
         roofline.resolve_dtype("int3")
 
 
+def test_every_roofline_window_is_measured(monkeypatch):
+    """The benches take the better of a window before and one after their runs, so a second
+    call must measure again, not return the first window's figure."""
+    timed = []
+    monkeypatch.setattr(roofline, "_best_seconds",
+                        lambda fn, device, repeats: timed.append(fn) or 1e-3)
+    roofline.matmul_flops("cpu", "float32")
+    roofline.memory_bandwidth("cpu", num_bytes=1 << 20)
+    first = len(timed)
+    roofline.matmul_flops("cpu", "float32")
+    roofline.memory_bandwidth("cpu", num_bytes=1 << 20)
+    assert first > 0 and len(timed) == 2 * first
+
+
 def test_format_table_aligns_columns_and_checks_row_width():
     text = report.format_table(("system", "tok/s"), [("raylm", 1234.5678), ("hf", 12.0)])
     lines = text.splitlines()

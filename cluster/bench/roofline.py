@@ -21,7 +21,6 @@ Model cost definitions (printed by the commands):
 """
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -73,7 +72,6 @@ def _best_seconds(fn: Callable[[], object], device: str, repeats: int) -> float:
     return best
 
 
-@functools.lru_cache(maxsize=None)
 def matmul_flops(
     device: str = "cpu",
     dtype: str = "float32",
@@ -126,7 +124,6 @@ def matmul_flops(
     return best
 
 
-@functools.lru_cache(maxsize=None)
 def memory_bandwidth(device: str = "cpu", num_bytes: int | None = None,
                      repeats: int = 20) -> float:
     """Measured streaming memory bandwidth in bytes/s: the best of several ways to stream a
