@@ -135,10 +135,10 @@ def test_auto_picks_haproxy_where_it_can_run_and_says_why_not(monkeypatch):
     assert proxy == "serve" and "Ray >= 2.55" in why
 
 
-def _fake_haproxy(config: str, parent_title: str | None) -> int:
+def _fake_haproxy(config: str, parent_title: str | None) -> tuple[int, subprocess.Popen]:
     """A sleeping process titled like Serve's HAProxy (argv[0] .../haproxy, `-f config`): the
     child of a process titled ``parent_title``, or an orphan (its parent exited) if None.
-    Returns its pid."""
+    Returns its pid and the parent's Popen."""
     sleeper = [f"{os.sep}opt{os.sep}haproxy", "-c", "import time; time.sleep(120)", "-f", config]
     spawn = (f"import subprocess, time; p = subprocess.Popen({sleeper!r}, "
              f"executable={sys.executable!r}); print(p.pid, flush=True)")
@@ -149,11 +149,7 @@ def _fake_haproxy(config: str, parent_title: str | None) -> int:
     pid = int(parent.stdout.readline())
     if parent_title is None:
         parent.wait(timeout=30)  # the sleeper is now an orphan
-    _fake_haproxy.parents.append(parent)
-    return pid
-
-
-_fake_haproxy.parents = []
+    return pid, parent
 
 
 def test_an_haproxy_left_by_a_gone_ray_is_stopped_and_no_other():
@@ -166,9 +162,10 @@ def test_an_haproxy_left_by_a_gone_ray_is_stopped_and_no_other():
 
     serve_dir = os.path.dirname(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC)
     config = os.path.join(serve_dir, f"raylm-test-{uuid.uuid4().hex}", "haproxy.cfg")
-    orphan = _fake_haproxy(config, parent_title=None)
-    served = _fake_haproxy(config, parent_title="ray::HAProxyManager")
-    other = _fake_haproxy("/etc/haproxy/haproxy.cfg", parent_title=None)
+    (orphan, p1), (served, p2), (other, p3) = (
+        _fake_haproxy(config, parent_title=None),
+        _fake_haproxy(config, parent_title="ray::HAProxyManager"),
+        _fake_haproxy("/etc/haproxy/haproxy.cfg", parent_title=None))
     try:
         assert orphan in orphaned_haproxy() and served not in orphaned_haproxy()
         assert orphan in stop_orphaned_haproxy()
@@ -180,7 +177,7 @@ def test_an_haproxy_left_by_a_gone_ray_is_stopped_and_no_other():
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        for parent in _fake_haproxy.parents:
+        for parent in (p1, p2, p3):
             parent.kill()
             parent.wait()
 

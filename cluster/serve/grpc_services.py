@@ -229,14 +229,11 @@ def _inline_stream(handler: Callable) -> Callable:
     async def unary_stream(request, context):
         call = _CallContext(context)
         stream = handler(request, call)
-        done = False
         try:
             async for message in stream:
                 yield message
-            done = True
         finally:
-            if not done:
-                call.over = True
+            call.over = True  # a dropped stream's clean-up (below) runs after the call is over
             await stream.aclose()
 
     return unary_stream
