@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from raylm.cluster.bench import latency, report, roofline, throughput
+from raylm.cluster.bench.latency import TokenTimes
 from raylm.cluster.bench.hf_baseline import generate_batch, load_hf_model
 from raylm.cluster.bench.workload import BenchRequest, load_model_info, make_requests
 
@@ -109,8 +110,33 @@ def test_latency_command_writes_decode_time_and_floor_fraction(model_dir, tmp_pa
     for result in data["results"].values():
         assert result["ms_per_token"] > 0
         assert 0 < result["fraction_of_memory_floor"] < 1.5
+        assert 0 < result["fraction_of_strictest_floor"] <= result["fraction_of_memory_floor"]
+        assert len(result["floor_windows_s_per_token"]) == 2  # one run between two windows
+    assert data["roofline"]["num_windows"] == 4
     assert data["decode_speed_ratio"] > 0
     assert "ms/token" in capsys.readouterr().out
+
+
+def test_latency_judges_each_run_against_the_windows_around_it():
+    """A run's floor is the stricter of the bandwidth windows just before and after it, so a slow
+    machine moment slows floor and decode alike instead of flattering or sinking the fraction."""
+    runs = iter([TokenTimes(0.0, 1.0, 1.0 + 9 * 0.004), TokenTimes(0.0, 1.0, 1.0 + 9 * 0.008),
+                 TokenTimes(0.0, 1.0, 1.0 + 9 * 0.004)])
+    warmed = []
+    windows = iter([0.003, 0.003, 0.006, 0.002])  # seconds per token at each window's bandwidth
+
+    def generate():
+        if not warmed:
+            warmed.append(True)
+            return TokenTimes(0.0, 1.0, 2.0)
+        return next(runs)
+
+    m = latency.measure_decode(generate, 10, 3, lambda: next(windows))
+    assert m["floor_windows_s_per_token"] == [0.003, 0.003, 0.006, 0.002]
+    assert m["run_fractions_of_floor"] == pytest.approx([0.75, 0.375, 0.5])
+    assert m["fraction_of_memory_floor"] == pytest.approx(0.5)
+    assert m["decode_s_per_token"] == pytest.approx(0.004)
+    assert m["ttft_s"] == 1.0
 
 
 def test_latency_rejects_a_single_output_token(model_dir):

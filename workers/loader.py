@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from raylm.kernels import host_memory
 from raylm.workers.layers.linear import prepare_cpu_linears
 from raylm.workers.models.registry import get_model_class
 
@@ -135,6 +136,8 @@ def load_model(model_path: str | pathlib.Path, *, dtype: torch.dtype,
     model.eval()
     packed_bytes = 0
     if device.type == "cpu":
+        if host_memory.enabled():
+            host_memory.move_to_huge_pages(model)  # a decode step streams them: no TLB misses
         # Streaming kernel, packed oneDNN GEMM or BLAS per weight shape and row count, measured
         # on this machine; packed copies of the weights whose shapes use them.
         packed_bytes = prepare_cpu_linears(model)

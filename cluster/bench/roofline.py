@@ -4,7 +4,8 @@ Benchmarks judge a result against what the machine can do, not against a feeling
 prefill-heavy throughput against the matmul FLOP/s, batch-1 decode against the time it takes to
 stream the weights once from memory. Both hardware figures are measured here, on this machine, in
 this process, best of several runs (the least disturbed one: on a shared VM other tenants'
-load moves a best-of-5 by 20-40 %, so 15 GEMM and 20 bandwidth runs), and cached for the process.
+load moves a best-of-5 by 20-40 %, so 15 GEMM and 20 bandwidth runs), measured anew on every
+call (the benches take several windows).
 
 Model cost definitions (printed by the commands):
 - parameters are split into the input embedding (a gather, no FLOPs), the LM head (vocab x hidden,
@@ -27,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from raylm.kernels import host_memory
 
 logger = logging.getLogger(__name__)
 
@@ -130,18 +133,24 @@ def memory_bandwidth(device: str = "cpu", num_bytes: int | None = None,
     buffer, so that the floor is what the machine can do, not what one library kernel does:
     a full-tensor sum (read only), a tensor copy (read + write bytes), a matrix-vector product
     over the buffer viewed as [rows, 512] (BLAS gemv), and on CPU raylm's streaming few-row
-    kernel on the same view (it prefetches in software; torch's sum relies on the hardware
-    prefetcher, which stops at every page: 26 vs 42 GB/s over 166 MB on the 2-core dev VM).
+    kernel on the same view (on 4 KiB pages the hardware prefetcher stops at every page, and
+    which method is fastest then changes from machine to machine).
 
     By default on a buffer far larger than the caches; ``num_bytes`` measures the bandwidth a
     working set of that size gets when it is read over and over (part of it may stay in the
-    last-level cache)."""
+    last-level cache). On CPU the buffer is on 2 MiB pages where the kernel grants them, like
+    raylm's weights: on 4 KiB pages every method reads ~20 % slower, which would flatter the
+    fraction of the floor."""
     if num_bytes is None:
         num_bytes = (1 << 30) if device == "cuda" else (256 << 20)
     width = 512
     numel = max(num_bytes, 1 << 20) // (4 * width) * width
-    src = torch.ones(numel, device=device, dtype=torch.float32)  # [numel]
-    dst = torch.empty_like(src)  # [numel]
+    if device == "cpu":  # the pages raylm keeps its weights on (kernels/host_memory.py)
+        src = host_memory.empty(numel).fill_(1.0)  # [numel]
+        dst = host_memory.empty(numel)  # [numel]
+    else:
+        src = torch.ones(numel, device=device, dtype=torch.float32)  # [numel]
+        dst = torch.empty_like(src)  # [numel]
     matrix = src.view(-1, width)  # [numel / width, width]
     vector = torch.ones(width, device=device, dtype=torch.float32)  # [width]
     rates = {
