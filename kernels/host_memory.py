@@ -7,18 +7,21 @@ memory that asks for them gets them, and torch's allocator does not ask (unless 
 started with ``THP_MEM_ALLOC_ENABLE=1``). Measured on the 2-core dev VM over 166 MB: torch's sum
 41.7 -> 51.4 GB/s, raylm's streaming linear kernel 38 -> 48 GB/s.
 
-:func:`empty` hands out a tensor on an anonymous mapping that asks for huge pages (``madvise``)
-before it is first touched, aligned to 2 MiB. Where the kernel has THP off (``never``) or no
-``MADV_HUGEPAGE`` exists, the same memory comes on ordinary pages: only slower.
+:func:`empty` hands out a tensor aligned to 2 MiB whose pages are advised to be huge
+(``madvise(MADV_HUGEPAGE)``) before anything touches them; the CPU KV pool advises its tensors
+the same way (workers/kv_cache.py). Where the kernel has THP off (``never``) or is not Linux, the
+same memory comes on ordinary pages: only slower.
 
 ``RAYLM_CPU_HUGE_PAGES=0`` (read here only) leaves the weights where torch put them, for A/B runs.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
-import mmap
 import os
 import pathlib
+import sys
 
 import torch
 
@@ -46,22 +49,47 @@ def thp_mode() -> str:
 
 
 def empty(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An uninitialised 1-D CPU tensor of ``numel`` elements on memory that asks for 2 MiB pages.
-
-    The mapping lives as long as the tensor or any view of it (torch.frombuffer keeps it)."""
+    """An uninitialised 1-D CPU tensor of ``numel`` elements that starts on a 2 MiB boundary, on
+    memory advised to 2 MiB pages before anything touches it."""
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    nbytes = numel * itemsize
-    # private: a shared anonymous mapping is shmem, which follows THP's separate shmem setting
-    # (off by default); + slack to start on a 2 MiB boundary
-    region = mmap.mmap(-1, max(nbytes, 1) + HUGE_PAGE,
-                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        region.madvise(mmap.MADV_HUGEPAGE)
-    flat = torch.frombuffer(region, dtype=torch.uint8)  # [nbytes + slack]
-    offset = -flat.data_ptr() % HUGE_PAGE
-    return flat[offset : offset + nbytes].view(dtype)  # [numel]
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # + slack for the alignment
+    offset = -raw.data_ptr() % HUGE_PAGE
+    out = raw[offset : offset + nbytes]  # [nbytes]
+    advise_huge_pages(out)
+    return out.view(dtype)  # [numel]
+
+
+def advise_huge_pages(tensor: torch.Tensor) -> bool:
+    """Ask Linux to back the untouched host tensor with 2 MiB pages (``madvise(MADV_HUGEPAGE)``
+    over the whole 2 MiB pages inside it). Returns whether the advice was taken; harmless where
+    it is not (no Linux, THP ``never``)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first = (start + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+    last = end // HUGE_PAGE * HUGE_PAGE
+    if last <= first:
+        return False
+    return madvise(first, last - first, MADV_HUGEPAGE)
+
+
+MADV_HUGEPAGE = 14
+MADV_POPULATE_WRITE = 23
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
+
+
+def madvise(address: int, length: int, advice: int) -> bool:
+    """madvise(2) on [address, address + length) (address page-aligned); True on success."""
+    return _libc().madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), advice) == 0
 
 
 def move_to_huge_pages(module: torch.nn.Module) -> int:

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
-import functools
 import logging
 import os
 import sys
 import time
 
 import torch
+
+from raylm.kernels.host_memory import MADV_POPULATE_WRITE, advise_huge_pages, madvise
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,9 @@ def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv
     caches = []
     for _ in range(num_layers):
         k, v = (torch.empty(shape, dtype=dtype, device=device) for _ in range(2))
-        if device.type == "cpu":
+        if device.type == "cpu":  # decode attention reads each sequence's blocks from all over
+            # the pool: on 4 KiB pages nearly every block read starts with a TLB miss (a
+            # 200-sequence decode batch: 7.0 -> 6.0 ms per layer on 2 MiB pages)
             advise_huge_pages(k)
             advise_huge_pages(v)
         k[0].zero_()
@@ -102,7 +104,7 @@ def prefault_host(tensors: list[torch.Tensor]) -> str:
                        for at in range(start, end, _PREFAULT_CHUNK)]
 
         def populate(chunk: tuple[int, int]) -> bool:  # ctypes drops the GIL for the call
-            return _madvise(*chunk, _MADV_POPULATE_WRITE)
+            return madvise(*chunk, MADV_POPULATE_WRITE)
 
         with concurrent.futures.ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
             done = list(pool.map(populate, chunks))
@@ -113,37 +115,5 @@ def prefault_host(tensors: list[torch.Tensor]) -> str:
     return "zeroed"
 
 
-_MADV_HUGEPAGE = 14
-_MADV_POPULATE_WRITE = 23
 _PREFAULT_CHUNK = 64 << 20
 _SMALL_PAGE = 4096
-_HUGE_PAGE = 2 << 20
-
-
-def advise_huge_pages(tensor: torch.Tensor) -> bool:
-    """Ask Linux to back the untouched host tensor with 2 MiB pages (``madvise(MADV_HUGEPAGE)``;
-    the usual THP setting, ``madvise``, gives them only to regions that ask). Decode attention
-    reads each sequence's blocks from all over the pool: with 4 KiB pages nearly every block
-    read starts with a TLB miss (a 200-sequence decode batch: 7.0 ms -> 6.0 ms per layer with
-    huge pages). Returns whether the advice was taken; harmless where it is not."""
-    if not sys.platform.startswith("linux"):
-        return False
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    first = (start + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
-    last = end // _HUGE_PAGE * _HUGE_PAGE
-    if last <= first:
-        return False
-    return _madvise(first, last - first, _MADV_HUGEPAGE)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return libc
-
-
-def _madvise(address: int, length: int, advice: int) -> bool:
-    """madvise(2) on [address, address + length) (address page-aligned); True on success."""
-    return _libc().madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), advice) == 0
