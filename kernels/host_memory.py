@@ -4,11 +4,12 @@ A batch-1 decode step reads every weight once, front to back. On 4 KiB pages tha
 TLB miss every 4 KiB and the hardware prefetcher stops at every page; on 2 MiB pages it does
 neither. Most Linux distributions run transparent huge pages in ``madvise`` mode, where only
 memory that asks for them gets them, and torch's allocator does not ask (unless the process was
-started with ``THP_MEM_ALLOC_ENABLE=1``). Measured on the 2-core dev VM over 166 MB: torch's sum
-41.7 -> 51.4 GB/s, raylm's streaming linear kernel 38 -> 48 GB/s.
+started with ``THP_MEM_ALLOC_ENABLE=1``). Measured on the 2-core dev VM over 166 MB, both page
+sizes alternating in one process: torch's sum 25.0 -> 31.3 GB/s, raylm's streaming linear kernel
+23.4 -> 30.5 GB/s (medians of 40); batch-1 decode of the bench model 6.46 -> 5.33 ms/token.
 
-:func:`empty` hands out a tensor aligned to 2 MiB whose pages are advised to be huge
-(``madvise(MADV_HUGEPAGE)``) before anything touches them; the CPU KV pool advises its tensors
+:func:`empty` hands out a tensor on a fresh mapping, aligned to 2 MiB, whose pages are advised
+to be huge (``madvise(MADV_HUGEPAGE)``) before anything touches them; the CPU KV pool advises its tensors
 the same way (workers/kv_cache.py). Where the kernel has THP off (``never``) or is not Linux, the
 same memory comes on ordinary pages: only slower.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import mmap
 import os
 import pathlib
 import sys
@@ -54,7 +56,12 @@ def empty(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # + slack for the alignment
+    # A fresh private mapping, not torch.empty: below malloc's mmap threshold (up to 32 MiB)
+    # torch.empty can hand back heap pages already touched on 4 KiB pages, which the advice no
+    # longer changes. (A shared anonymous mapping would be shmem, under THP's separate shmem
+    # setting.) The tensor keeps the mapping alive; + slack to start on a 2 MiB boundary.
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # [nbytes + slack]
     offset = -raw.data_ptr() % HUGE_PAGE
     out = raw[offset : offset + nbytes]  # [nbytes]
     advise_huge_pages(out)

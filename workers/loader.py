@@ -137,7 +137,7 @@ def load_model(model_path: str | pathlib.Path, *, dtype: torch.dtype,
     packed_bytes = 0
     if device.type == "cpu":
         if host_memory.enabled():
-            host_memory.move_to_huge_pages(model)  # a decode step streams them: no TLB misses
+            host_memory.move_to_huge_pages(model)  # a decode step streams them all
         # Streaming kernel, packed oneDNN GEMM or BLAS per weight shape and row count, measured
         # on this machine; packed copies of the weights whose shapes use them.
         packed_bytes = prepare_cpu_linears(model)
