@@ -6,8 +6,8 @@
 // Two things decide the speed at these row counts (measured on a 2-core AVX-512 VM, a sweep over
 // the bench model's 8 layers + LM head, 166 MB of weights):
 // - the weight stream must not stall. At 1-2 input rows the weight is read front to back, one
-//   row at a time, on 2 MiB pages (kernels/host_memory.py), and the hardware prefetcher keeps up:
-//   0.93-0.97 of torch's sum over the same bytes. At more rows several weight rows share each
+//   row at a time, on 2 MiB pages (kernels/host_memory.py), with a non-temporal prefetch 4 KiB
+//   ahead (see tile_rows): 0.95-0.99 of torch's sum over the same bytes. At more rows several weight rows share each
 //   input load, which interleaves as many streams; the hardware prefetcher stops at every 4 KiB
 //   page, so the kernel prefetches those rows a few register tiles ahead in software, into L2
 //   (prefetching into L1 measured 10-15 % slower at 8-32 rows; a non-temporal hint 4x slower).
