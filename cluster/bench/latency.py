@@ -9,16 +9,16 @@ from the first output token to the last one, over the output_len - 1 decode step
 is the decode time per token (prefill excluded); the time to the first token is reported too.
 raylm's times are the engine's own per-request timestamps (RequestOutput.metrics); HF's come from
 a streamer that `model.generate` calls after every step. Each figure is the median of
-`--num-iters` runs after a warm-up run.
+`--num-iters` runs after a warm-up run. HF runs with min_new_tokens = max_new_tokens (EOS
+suppressed, like ignore_eos) and its default KV cache; raylm runs with prefix caching off, so
+repeating the prompt does not skip its prefill.
 
 The floor is measured side by side with the decode: every timed run sits between two bandwidth
 windows, and its fraction uses the faster (stricter) of the two. On a shared VM the bandwidth of
-one buffer moves by almost 2x from minute to minute (31-55 GB/s over 166 MB on the 2-core dev
+one buffer moves by almost 2x from minute to minute (35-65 GB/s over 166 MB on the 2-core dev
 VM), and the decode moves with it; a floor measured minutes away from the run it judges says more
 about the neighbours than about the engine. The fraction reported is the median of the runs'
-paired fractions; the floor over all windows (the strictest) is reported next to it. HF runs with min_new_tokens = max_new_tokens (EOS
-suppressed, like ignore_eos) and its default KV cache; raylm runs with prefix caching off, so
-repeating the prompt does not skip its prefill.
+paired fractions; the floor over all windows (the strictest) is reported next to it.
 """
 from __future__ import annotations
 
@@ -196,8 +196,8 @@ def run(args: argparse.Namespace) -> int:
                                                      args.speculative_config)
     if args.baseline == "hf":
         measured["hf"] = _hf_decode(args, request, device, floor)
-    # The strictest floor of the run: the fastest bandwidth window of all.
-    floor_s = min(f for m in measured.values() for f in m["floor_windows_s_per_token"])
+    windows = [f for m in measured.values() for f in m["floor_windows_s_per_token"]]
+    floor_s = min(windows)  # the strictest floor of the command: its fastest window
     bandwidth = weight_bytes / floor_s
     results: dict[str, dict[str, Any]] = {}
     for name, m in measured.items():
@@ -219,9 +219,8 @@ def run(args: argparse.Namespace) -> int:
             "memory_bandwidth_bytes_per_s": bandwidth,
             "decode_weight_bytes": weight_bytes,
             "floor_ms_per_token": 1e3 * floor_s,
-            "num_windows": sum(len(m["floor_windows_s_per_token"]) for m in measured.values()),
-            "slowest_window_gb_per_s": weight_bytes / 1e9 / max(
-                f for m in measured.values() for f in m["floor_windows_s_per_token"]),
+            "num_windows": len(windows),
+            "slowest_window_gb_per_s": weight_bytes / 1e9 / max(windows),
             "bytes_definition": roofline.BYTES_DEFINITION,
         },
         "results": results,

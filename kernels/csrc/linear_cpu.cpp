@@ -95,7 +95,8 @@ inline void tile_avx512(const float* x, int64_t x_stride, const float* wn, int64
 #endif
 
 // y[0..M, n_begin..n_end) of a weight with n_total rows; prefetch_ahead: how many weight rows
-// ahead to prefetch (0 when the rows are already in cache).
+// ahead to prefetch (0 when the rows are already in cache). One-row tiles (OneStream) prefetch
+// at the fixed kStreamAheadFloats instead; for them only prefetch_ahead > 0 matters.
 template <int M, bool OneStream = false>
 void rows_kernel(const float* x, int64_t x_stride, const float* w, int64_t k, const float* bias,
                  float* y, int64_t n_total, int64_t n_begin, int64_t n_end,
