@@ -107,3 +107,26 @@ def test_bad_input_names_the_field(tiny_model):
     with pytest.raises(ValueError, match="max_model_len"):
         llm.generate([[5] * (llm.engine.max_model_len + 1)])
     assert llm.get_stats()["num_waiting"] == 0
+
+
+def test_greedy_steps_fuse_the_lm_head_and_pick_only_when_nothing_else_is_asked(tiny_model,
+                                                                                  monkeypatch):
+    """On the compiled CPU step a plain greedy step ends at the tokens (LM head and argmax in
+    the compiled call); a step that also wants logprobs goes through the sampler. Both give HF's
+    tokens."""
+    from raylm.workers.models.llama_cpu_step import LlamaCpuStep
+
+    calls = []
+    greedy = LlamaCpuStep.greedy
+    monkeypatch.setattr(LlamaCpuStep, "greedy", lambda self, *a: calls.append(1) or greedy(self, *a))
+    path = tiny_model("llama")
+    llm = LLM(str(path), dtype="float32")
+    prompts = random_prompts(llm.engine.vocab_size, [3, 40], seed=5)
+    _check(llm, path, prompts)
+    assert len(calls) == MAX_TOKENS  # one step per token, both prompts in each
+    calls.clear()
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
+    for prompt, out in zip(prompts, llm.generate(prompts, params)):
+        assert out.outputs[0].token_ids == hf_greedy(path, prompt, MAX_TOKENS)
+        assert len(out.outputs[0].logprobs) == MAX_TOKENS
+    assert calls == []

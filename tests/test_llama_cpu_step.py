@@ -9,6 +9,7 @@ import torch
 
 from raylm.kernels.backend import CpuBackend
 from raylm.kernels.cpu_ops import load_extension
+from raylm.kernels.row_pick import argmax_rows
 from raylm.workers.loader import load_model
 from raylm.workers.models.llama_cpu_step import LlamaCpuStep
 from tests.test_models import PagedRunner, _tokens
@@ -28,12 +29,12 @@ def _steps(vocab_size: int) -> list[list[tuple[int, list[int]]]]:
 
 
 def _run(model, kv_dtype: torch.dtype, fused: bool) -> tuple[list[torch.Tensor], list]:
-    model.model._cpu_step = None if fused else False
+    model._cpu_step = None if fused else False
     runner = PagedRunner(model, seed=3)
     runner.backend = CpuBackend()
     runner.kv_caches = [(k.to(kv_dtype), v.to(kv_dtype)) for k, v in runner.kv_caches]
     outs = [runner.forward(chunks) for chunks in _steps(model.vocab_size)]
-    assert isinstance(model.model._cpu_step, LlamaCpuStep) == fused
+    assert isinstance(model._cpu_step, LlamaCpuStep) == fused
     return outs, runner.kv_caches
 
 
@@ -70,17 +71,74 @@ def test_compiled_stack_runs_each_matmul_as_the_module_path_does(tiny_model, mon
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+class _Greedy:
+    """Stands in for the model in PagedRunner: each step returns the greedy tokens of the last
+    row of every chunk, through the compiled step's fused LM head + argmax (``fused``) or
+    through the sampler's path (forward, compute_logits, argmax_rows)."""
+
+    def __init__(self, model, fused: bool) -> None:
+        self.model, self.fused, self.rows = model, fused, None
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, input_ids, positions, kv_caches, meta):
+        rows = self.rows  # [num_sampled] int64
+        if self.fused:
+            tokens = self.model.greedy_tokens(input_ids, positions, kv_caches, meta, rows)
+            assert tokens is not None, "the compiled step did not run"
+            return tokens
+        assert self.model.greedy_tokens(input_ids, positions, kv_caches, meta, rows) is None
+        hidden = self.model(input_ids, positions, kv_caches, meta)
+        return argmax_rows(self.model.compute_logits(hidden.index_select(0, rows)))
+
+
+def _greedy_run(model, fused: bool) -> list[torch.Tensor]:
+    model._cpu_step = None if fused else False
+    greedy = _Greedy(model, fused)
+    runner = PagedRunner(greedy, seed=3)
+    runner.backend = CpuBackend()
+    out = []
+    for chunks in _steps(model.vocab_size):
+        ends = torch.tensor([len(tokens) for _, tokens in chunks]).cumsum(0)
+        greedy.rows = ends - 1
+        out.append(runner.forward(chunks))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("head", ["plan", "packed", "stream", "blas"])
+def test_fused_greedy_pick_equals_the_sampler_path(tiny_model, monkeypatch, arch, head):
+    """greedy_tokens (LM head and argmax inside the compiled call) picks exactly the tokens the
+    sampler's path picks, for prefill chunks, mixed and batch-1 steps, tied and untied heads,
+    on each matmul choice of the LM head."""
+    from raylm.kernels import linear_plan
+    from raylm.kernels.linear import pack_weight
+
+    model = load_model(tiny_model(arch), dtype=torch.float32, device="cpu", backend=CpuBackend())
+    if head != "plan":
+        model.lm_head.packed_weight = pack_weight(model.lm_head.weight)
+        vocab = model.lm_head.weight.shape[0]
+        choose = linear_plan.choose
+        monkeypatch.setattr(linear_plan, "choose", lambda rows, k, n: head if n == vocab
+                            else choose(rows, k, n))
+    fused = _greedy_run(model, fused=True)
+    reference = _greedy_run(model, fused=False)
+    for step, (got, want) in enumerate(zip(fused, reference)):
+        assert got.dtype == torch.int64 and torch.equal(got, want), step
+
+
 def test_the_module_path_is_kept_where_the_stack_cannot_run(tiny_model, monkeypatch):
     from raylm.kernels.backend import TorchBackend
 
     model = load_model(tiny_model("llama"), dtype=torch.float32, device="cpu",
                        backend=TorchBackend())
-    assert LlamaCpuStep.build(model.model) is None  # the reference backend: module by module
+    assert LlamaCpuStep.build(model.model, model.lm_head) is None  # the reference backend: module by module
     model = load_model(tiny_model("llama"), dtype=torch.float32, device="cpu",
                        backend=CpuBackend())
-    assert isinstance(LlamaCpuStep.build(model.model), LlamaCpuStep)
+    assert isinstance(LlamaCpuStep.build(model.model, model.lm_head), LlamaCpuStep)
     monkeypatch.setenv("RAYLM_CPU_FUSED_STEP", "0")
-    assert LlamaCpuStep.build(model.model) is None
+    assert LlamaCpuStep.build(model.model, model.lm_head) is None
     monkeypatch.setenv("RAYLM_CPU_FUSED_STEP", "yes")
     with pytest.raises(ValueError, match="RAYLM_CPU_FUSED_STEP"):
-        LlamaCpuStep.build(model.model)
+        LlamaCpuStep.build(model.model, model.lm_head)

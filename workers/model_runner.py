@@ -169,6 +169,11 @@ class ModelRunner:
                                      torch.tensor(dst, device=self.device))
         meta = self._attention_metadata(inp)
         ids, pos = self._token_tensors(inp)
+        if self._argmax_only(inp):
+            rows = torch.tensor(inp.logits_indices, dtype=torch.long)
+            tokens = self.model.greedy_tokens(ids, pos, self.kv_caches, meta, rows)
+            if tokens is not None:  # [num_sampled] int64, the sampler's argmax bitwise
+                return ModelOutput(sampled_token_ids=tokens.tolist())
         decode_only = inp.num_tokens == inp.num_seqs
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(inp.num_seqs, decode_only):
             hidden = self.cuda_graphs.run(ids, pos, meta)  # [num_seqs, hidden], static buffer
@@ -201,6 +206,19 @@ class ModelRunner:
         if inp.return_hidden_states:
             out.hidden_states = hidden
         return out
+
+    def _argmax_only(self, inp: ModelInput) -> bool:
+        """Whether the step's output is the argmax of its sampled rows' logits and nothing
+        else: the model may then fuse the LM head and the pick into its forward
+        (``greedy_tokens``; the compiled CPU step does)."""
+        s = inp.sampling
+        return (self.tp_size == 1 and self.cuda_graphs is None and bool(inp.logits_indices)
+                and not (inp.hidden_state_rows or inp.prompt_logprob_rows or inp.spec_groups
+                         or inp.return_sampling_probs or inp.return_hidden_states
+                         or s.grammar_rows)
+                and s.max_num_logprobs < 0 and s.all_greedy and not s.needs_penalties
+                and not (s.banned_token_ids and any(s.banned_token_ids))
+                and hasattr(self.model, "greedy_tokens"))
 
     # Rows of logits materialised at once for prompt logprobs ([rows, vocab] fp32 each).
     PROMPT_LOGPROB_CHUNK = 256

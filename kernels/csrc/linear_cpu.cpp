@@ -6,12 +6,15 @@
 // Two things decide the speed at these row counts (measured on a 2-core AVX-512 VM, a sweep over
 // the bench model's 8 layers + LM head, 166 MB of weights):
 // - the weight stream must not stall. At 1-2 input rows the weight is read front to back, one
-//   row at a time, on 2 MiB pages (kernels/host_memory.py), with a non-temporal prefetch 4 KiB
-//   ahead (see tile_rows): 0.95-0.99 of torch's sum over the same bytes. At more rows several weight rows share each
-//   input load, which interleaves as many streams; the hardware prefetcher stops at every 4 KiB
-//   page, so the kernel prefetches those rows a few register tiles ahead in software, into L2
-//   (prefetching into L1 measured 10-15 % slower at 8-32 rows; a non-temporal hint 4x slower).
-//   Without it the loads and the FMAs take turns: 8 rows took 11.4 ms, with it 4.4;
+//   row at a time, on 2 MiB pages (kernels/host_memory.py), with no software prefetch: the
+//   hardware prefetcher follows one sequential stream on its own. (A non-temporal prefetch 4 KiB
+//   ahead, measured on a sweep alone, cost 13 % of a whole batch-1 decode step side by side,
+//   4.76 against 4.19 ms/token, and left the caches colder for the step's other work.) At more
+//   rows several weight rows share each input load, which interleaves as many streams; the
+//   hardware prefetcher stops at every 4 KiB page, so the kernel prefetches those rows a few
+//   register tiles ahead in software, into L2 (prefetching into L1 measured 10-15 % slower at
+//   8-32 rows; a non-temporal hint 4x slower). Without it the loads and the FMAs take turns:
+//   8 rows took 11.4 ms, with it 4.4;
 // - above 8 rows a task's weight tile is reused from L1 by each group of input rows; the group
 //   and the tile are sized so that both fit L1 together (a group of 8 rows of a 1536-wide input
 //   alone fills it), and a tile is a whole number of register tiles (a leftover weight row uses a
@@ -34,14 +37,8 @@ constexpr int64_t kGroupBytes = 16 << 10;  // an input group's share of L1 (> 8 
 constexpr int64_t kTileBytes = 16 << 10;   // a weight tile's share of L1 (> 8 rows)
 constexpr int64_t kPrefetchTiles = 2;     // register tiles of weight rows prefetched ahead
 
-constexpr int64_t kStreamAheadFloats = 1024;  // one-row tiles: prefetch 4 KiB ahead
-
 // Weight rows per register tile for M input rows. At 1-2 rows one weight row at a time: the
-// weights are then read front to back in one stream, prefetched 4 KiB ahead with the
-// non-temporal hint. On the dev VM over 166 MB on 2 MiB pages that reads at 0.97-0.99 of torch's
-// sum (0.85 without the prefetch, 0.70-0.81 for 8 interleaved rows), and the stream does not
-// evict the rest of the step from the caches: a Python workload right after the sweep ran in
-// 285 us against 365-395 us after an ordinary read (254 us warm). From 3 rows the input loads
+// weights are then read front to back in one stream (see the header). From 3 rows the input loads
 // take over and several weight rows share each of them: M * NR accumulators + NR weight vectors
 // fit the 32 vector registers, and the NR streams are prefetched into L2.
 // (Groups of input rows inside run_many re-read a weight tile from L1, so they keep the
@@ -65,13 +62,7 @@ inline void tile_avx512(const float* x, int64_t x_stride, const float* wn, int64
   int64_t i = 0;
   for (; i + 16 <= k; i += 16) {
     if (pf)
-      for (int r = 0; r < NR; ++r) {
-        if constexpr (NR == 1) {
-          _mm_prefetch((const char*)(pf + i), _MM_HINT_NTA);
-        } else {
-          _mm_prefetch((const char*)(pf + r * k + i), _MM_HINT_T1);
-        }
-      }
+      for (int r = 0; r < NR; ++r) _mm_prefetch((const char*)(pf + r * k + i), _MM_HINT_T1);
     __m512 wv[NR];
     for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_ps(wn + r * k + i);
     for (int m = 0; m < M; ++m) {
@@ -95,8 +86,7 @@ inline void tile_avx512(const float* x, int64_t x_stride, const float* wn, int64
 #endif
 
 // y[0..M, n_begin..n_end) of a weight with n_total rows; prefetch_ahead: how many weight rows
-// ahead to prefetch (0 when the rows are already in cache). One-row tiles (OneStream) prefetch
-// at the fixed kStreamAheadFloats instead; for them only prefetch_ahead > 0 matters.
+// ahead to prefetch (0 when the rows are already in cache; one-row tiles never prefetch).
 template <int M, bool OneStream = false>
 void rows_kernel(const float* x, int64_t x_stride, const float* w, int64_t k, const float* bias,
                  float* y, int64_t n_total, int64_t n_begin, int64_t n_end,
@@ -106,11 +96,8 @@ void rows_kernel(const float* x, int64_t x_stride, const float* w, int64_t k, co
   int64_t n = n_begin;
   for (; n + NR <= n_end; n += NR) {
     const float* pf = nullptr;
-    if (NR == 1 && prefetch_ahead > 0) {  // a fixed distance in bytes along the one stream
-      if ((n + 1) * k + kStreamAheadFloats <= n_total * k) pf = w + n * k + kStreamAheadFloats;
-    } else if (prefetch_ahead > 0 && n + prefetch_ahead + NR <= n_total) {
+    if (NR > 1 && prefetch_ahead > 0 && n + prefetch_ahead + NR <= n_total)
       pf = w + (n + prefetch_ahead) * k;
-    }
     tile_avx512<M, NR>(x, x_stride, w + n * k, k, bias, y, n_total, n, pf);
   }
   for (; n < n_end; ++n) tile_avx512<M, 1>(x, x_stride, w + n * k, k, bias, y, n_total, n, nullptr);

@@ -1,6 +1,12 @@
 // The Llama family's decoder stack as one compiled call on CPU fp32 (the CPU analogue of the CUDA
 // graph the GPU path replays): the same ops the Python modules call, in the same order, without
 // ~14 Python-level dispatches per layer. workers/models/llama_cpu_step.py decides when it runs.
+//
+// forward: token ids -> embedding -> decoder layers -> final norm (the hidden states the sampler's
+// LM head reads). greedy: the same, then the LM head on the sampled rows and their argmax, for
+// steps whose every row is plain greedy: no logits tensor, sampler or Python call between the
+// last weight read and the token. The LM head's sweep (65 MB for the bench model, twice the L3)
+// leaves every cache cold, and Python-level work right after it ran 2-4x slower than warm.
 #include <torch/extension.h>
 
 #include <tuple>
@@ -11,10 +17,10 @@
 namespace {
 using OptTensor = c10::optional<torch::Tensor>;
 
-// Bits of forward()'s stream_mask and packed_mask, one per projection: which take the streaming
+// Bits of the stream_mask and packed_mask arguments, one per projection: which take the streaming
 // few-row kernel and which oneDNN's GEMM on pre-packed weights this step (kernels/linear_plan.py
 // decides per row count and shape); the others take torch's BLAS GEMM.
-enum ProjectionBit : int64_t { kQKV = 1, kO = 2, kGateUp = 4, kDown = 8 };
+enum ProjectionBit : int64_t { kQKV = 1, kO = 2, kGateUp = 4, kDown = 8, kHead = 16 };
 
 struct Layer {
   torch::Tensor input_norm, post_norm, qkv_w, o_w, gate_up_w, down_w;  // weights [out, in]
@@ -39,12 +45,15 @@ class LlamaStepCpu {
  public:
   // layers[i] = [input_norm, post_norm, qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w,
   //              down_b, q_norm, k_norm, qkv_p, o_p, gate_up_p, down_p] (None where the model
-  //              has no such tensor; *_p: oneDNN-packed weights)
+  //              has no such tensor; *_p: oneDNN-packed weights);
+  // embed [vocab, hidden]; head [vocab, hidden] (may be embed itself: tied), head_p its packing.
   LlamaStepCpu(const std::vector<std::vector<OptTensor>>& layers, torch::Tensor final_norm,
                torch::Tensor cos_sin_cache, int64_t num_heads, int64_t num_kv_heads,
-               int64_t head_dim, double eps, double scale)
-      : final_norm_(final_norm), cos_sin_(cos_sin_cache), num_heads_(num_heads),
-        num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps), scale_(scale) {
+               int64_t head_dim, double eps, double scale, torch::Tensor embed,
+               torch::Tensor head, OptTensor head_p)
+      : final_norm_(final_norm), cos_sin_(cos_sin_cache), embed_(embed), head_(head),
+        head_p_(head_p), num_heads_(num_heads), num_kv_heads_(num_kv_heads),
+        head_dim_(head_dim), eps_(eps), scale_(scale) {
     for (const auto& t : layers) {
       TORCH_CHECK(t.size() == 16, "LlamaStepCpu: 16 tensors per layer");
       layers_.push_back({required(t[0], "input_norm"), required(t[1], "post_norm"),
@@ -54,9 +63,8 @@ class LlamaStepCpu {
     }
   }
 
-  // hidden: [T, hidden] embeddings (consumed: it becomes the residual stream);
-  // returns the final normed hidden states [T, hidden].
-  torch::Tensor forward(torch::Tensor hidden, torch::Tensor positions,
+  // input_ids: [T] int64; returns the final normed hidden states [T, hidden].
+  torch::Tensor forward(torch::Tensor input_ids, torch::Tensor positions,
                         const std::vector<torch::Tensor>& k_caches,
                         const std::vector<torch::Tensor>& v_caches, torch::Tensor slot_mapping,
                         torch::Tensor block_tables, torch::Tensor seq_lens,
@@ -64,6 +72,7 @@ class LlamaStepCpu {
                         int64_t packed_mask) const {
     TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(),
                 "LlamaStepCpu: one k and one v cache per layer");
+    auto hidden = at::embedding(embed_, input_ids);  // [T, hidden], becomes the residual stream
     const int64_t T = hidden.size(0);
     const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
     torch::Tensor residual;
@@ -101,9 +110,24 @@ class LlamaStepCpu {
     return std::get<0>(add_rms_norm_cpu(hidden, residual, final_norm_, eps_));
   }
 
+  // forward, then the argmax of the LM head's logits at rows logits_indices [S] int64: the
+  // greedy token of each sampled row [S] int64 (the sampler's argmax_rows, bitwise).
+  torch::Tensor greedy(torch::Tensor input_ids, torch::Tensor positions,
+                       const std::vector<torch::Tensor>& k_caches,
+                       const std::vector<torch::Tensor>& v_caches, torch::Tensor slot_mapping,
+                       torch::Tensor block_tables, torch::Tensor seq_lens,
+                       torch::Tensor query_start_loc, int64_t stream_mask, int64_t packed_mask,
+                       torch::Tensor logits_indices) const {
+    auto hidden = forward(input_ids, positions, k_caches, v_caches, slot_mapping, block_tables,
+                          seq_lens, query_start_loc, stream_mask, packed_mask);
+    auto logits = linear(hidden.index_select(0, logits_indices), head_, head_p_, c10::nullopt, kHead, stream_mask, packed_mask);
+    return argmax_rows_cpu(logits);  // [S]
+  }
+
  private:
   std::vector<Layer> layers_;
-  torch::Tensor final_norm_, cos_sin_;
+  torch::Tensor final_norm_, cos_sin_, embed_, head_;
+  OptTensor head_p_;
   int64_t num_heads_, num_kv_heads_, head_dim_;
   double eps_, scale_;
 };
@@ -111,8 +135,10 @@ class LlamaStepCpu {
 void bind_llama_cpu(pybind11::module& m) {
   pybind11::class_<LlamaStepCpu>(m, "LlamaStepCpu")
       .def(pybind11::init<const std::vector<std::vector<OptTensor>>&, torch::Tensor,
-                          torch::Tensor, int64_t, int64_t, int64_t, double, double>())
+                          torch::Tensor, int64_t, int64_t, int64_t, double, double,
+                          torch::Tensor, torch::Tensor, OptTensor>())
       // no Python objects are touched inside: other threads (the server's event loop) run
       // while a step computes
-      .def("forward", &LlamaStepCpu::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+      .def("forward", &LlamaStepCpu::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("greedy", &LlamaStepCpu::greedy, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -157,15 +157,10 @@ class LlamaModel(torch.nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend=backend, dtype=dtype,
                             device=device)
-        self._cpu_step: LlamaCpuStep | None | bool = None  # built at the first step; False: never
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden]
-        if self._cpu_step is None:
-            self._cpu_step = LlamaCpuStep.build(self) or False
-        if self._cpu_step and self._cpu_step.can_run(hidden.shape[0], kv_caches):
-            return self._cpu_step(hidden, positions, kv_caches, meta)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
@@ -196,6 +191,7 @@ class LlamaForCausalLM(torch.nn.Module):
         self.head_dim = first_attn.head_dim
         self.hidden_size = cfg.hidden_size
         self.vocab_size = cfg.vocab_size
+        self._cpu_step: LlamaCpuStep | None | bool = None  # built at the first step; False: never
         _warn_sliding_window(cfg)
 
     def forward(
@@ -205,7 +201,30 @@ class LlamaForCausalLM(torch.nn.Module):
         kv_caches: list[KVCache],  # one per layer
         meta: AttentionMetadata,  # backend.prepare(meta) already called
     ) -> torch.Tensor:  # [num_tokens, hidden]: final normed hidden states
+        step = self._compiled_step(input_ids, kv_caches)
+        if step is not None:
+            return step(input_ids, positions, kv_caches, meta)
         return self.model(input_ids, positions, kv_caches, meta)
+
+    def greedy_tokens(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor,  # [num_sampled] int64
+    ) -> torch.Tensor | None:  # [num_sampled] int64
+        """The argmax of compute_logits(forward(...)[logits_indices]), bitwise, in one compiled
+        call; None (having computed nothing) where the compiled CPU step cannot run."""
+        step = self._compiled_step(input_ids, kv_caches)
+        if step is None:
+            return None
+        return step.greedy(input_ids, positions, kv_caches, meta, logits_indices)
+
+    def _compiled_step(self, input_ids: torch.Tensor,
+                       kv_caches: list[KVCache]) -> LlamaCpuStep | None:
+        if self._cpu_step is None:
+            self._cpu_step = LlamaCpuStep.build(self.model, self.lm_head) or False
+        if self._cpu_step and self._cpu_step.can_run(input_ids.shape[0], kv_caches):
+            return self._cpu_step
+        return None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # [num_rows, hidden] -> [num_rows, vocab_size] float32
