@@ -91,7 +91,7 @@ class LlamaCpuStep:
 
         layers = []
         for layer in model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
+            attn = layer.self_attn
             qkv, o, gate_up, down = _projections(layer)
             layers.append([
                 weight(layer.input_layernorm), weight(layer.post_attention_layernorm),
