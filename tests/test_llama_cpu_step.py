@@ -133,7 +133,8 @@ def test_the_module_path_is_kept_where_the_stack_cannot_run(tiny_model, monkeypa
 
     model = load_model(tiny_model("llama"), dtype=torch.float32, device="cpu",
                        backend=TorchBackend())
-    assert LlamaCpuStep.build(model.model, model.lm_head) is None  # the reference backend: module by module
+    # the reference backend: module by module
+    assert LlamaCpuStep.build(model.model, model.lm_head) is None
     model = load_model(tiny_model("llama"), dtype=torch.float32, device="cpu",
                        backend=CpuBackend())
     assert isinstance(LlamaCpuStep.build(model.model, model.lm_head), LlamaCpuStep)

@@ -343,3 +343,18 @@ def test_mask_token_ids_sets_only_the_listed_ids():
     assert torch.equal(got, expected) and torch.equal(logits, before)
     assert int(got.isinf().sum()) == 5
     assert torch.equal(mask_token_ids(logits, [[], [], [], []]), logits)
+
+
+def test_argmax_only_holds_only_for_plain_greedy_rows():
+    """The runner fuses the LM head and the pick (skipping this sampler) only when every row is
+    plain greedy: any row asking for randomness, logprobs, a penalty, a grammar or a ban keeps
+    the sampler."""
+    greedy = [0.0, 0.0]
+    assert make_meta(2, temperature=greedy).argmax_only
+    assert not make_meta(2, temperature=[0.0, 0.7]).argmax_only
+    assert not make_meta(2, temperature=greedy, num_logprobs=[-1, 0]).argmax_only
+    assert not make_meta(2, temperature=greedy, presence_penalty=[0.0, 0.5]).argmax_only
+    assert not make_meta(2, temperature=greedy, repetition_penalty=[1.2, 1.0]).argmax_only
+    assert not make_meta(2, temperature=greedy, banned_token_ids=[[], [3]]).argmax_only
+    assert make_meta(2, temperature=greedy, banned_token_ids=[[], []]).argmax_only
+    assert not make_meta(2, temperature=greedy, grammar_rows=[1]).argmax_only

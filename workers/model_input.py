@@ -49,6 +49,14 @@ class SamplingMetadata:
     def max_num_logprobs(self) -> int:
         return max(self.num_logprobs, default=-1)
 
+    @property
+    def argmax_only(self) -> bool:
+        """Every row's token is the argmax of its raw logits and nothing else is asked: no
+        logprobs, penalties, grammar or banned tokens (what Sampler's greedy rows then do)."""
+        return (self.max_num_logprobs < 0 and self.all_greedy and not self.grammar_rows
+                and not (self.banned_token_ids and any(self.banned_token_ids))
+                and not self.needs_penalties)
+
 
 @dataclass
 class ModelInput:

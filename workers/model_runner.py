@@ -211,14 +211,11 @@ class ModelRunner:
         """Whether the step's output is the argmax of its sampled rows' logits and nothing
         else: the model may then fuse the LM head and the pick into its forward
         (``greedy_tokens``; the compiled CPU step does)."""
-        s = inp.sampling
-        return (self.tp_size == 1 and self.cuda_graphs is None and bool(inp.logits_indices)
+        return (hasattr(self.model, "greedy_tokens") and self.tp_size == 1
+                and self.cuda_graphs is None and bool(inp.logits_indices)
                 and not (inp.hidden_state_rows or inp.prompt_logprob_rows or inp.spec_groups
-                         or inp.return_sampling_probs or inp.return_hidden_states
-                         or s.grammar_rows)
-                and s.max_num_logprobs < 0 and s.all_greedy and not s.needs_penalties
-                and not (s.banned_token_ids and any(s.banned_token_ids))
-                and hasattr(self.model, "greedy_tokens"))
+                         or inp.return_sampling_probs or inp.return_hidden_states)
+                and inp.sampling.argmax_only)
 
     # Rows of logits materialised at once for prompt logprobs ([rows, vocab] fp32 each).
     PROMPT_LOGPROB_CHUNK = 256

@@ -120,7 +120,8 @@ class LlamaStepCpu {
                        torch::Tensor logits_indices) const {
     auto hidden = forward(input_ids, positions, k_caches, v_caches, slot_mapping, block_tables,
                           seq_lens, query_start_loc, stream_mask, packed_mask);
-    auto logits = linear(hidden.index_select(0, logits_indices), head_, head_p_, c10::nullopt, kHead, stream_mask, packed_mask);
+    auto rows = hidden.index_select(0, logits_indices);  // [S, hidden]
+    auto logits = linear(rows, head_, head_p_, c10::nullopt, kHead, stream_mask, packed_mask);
     return argmax_rows_cpu(logits);  // [S]
   }
 
