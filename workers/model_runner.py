@@ -2,30 +2,17 @@
 from __future__ import annotations
 
 import logging
-from itertools import accumulate, chain
-
-import numpy as np
 import torch
 
 from raylm.kernels.backend import get_backend
-from raylm.kernels.metadata import AttentionMetadata
 from raylm.workers import kv_cache
 from raylm.workers.config import CacheConfig, ModelConfig
 from raylm.workers.loader import load_model, resolve_dtype, resolve_model_path
 from raylm.workers.model_input import ModelInput, ModelOutput
+from raylm.workers.step_tensors import StepTensors, build_step_tensors
 from raylm.workers.sampler import Sampler
 
 logger = logging.getLogger(__name__)
-
-
-def _padded_block_tables(block_tables: list[list[int]]) -> np.ndarray:
-    """[num_seqs, max_blocks] int32, padded with block 0, in a few C-level passes (no per-row
-    Python slice assignment: this runs every step over every running sequence)."""
-    lens = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
-    flat = np.fromiter(chain.from_iterable(block_tables), dtype=np.int32, count=int(lens.sum()))
-    tables = np.zeros((len(block_tables), int(lens.max())), dtype=np.int32)
-    tables[np.arange(tables.shape[1]) < lens[:, None]] = flat
-    return tables
 
 
 class ModelRunner:
@@ -130,35 +117,16 @@ class ModelRunner:
                          seq_lens=[num_tokens], block_tables=[list(range(blocks_needed))],
                          logits_indices=[num_tokens - 1], sampling=None)
         torch.cuda.reset_peak_memory_stats(self.device)
-        meta = self._attention_metadata(inp)
-        ids, pos = self._token_tensors(inp)
-        hidden = self.model(ids, pos, caches, meta)
+        step = self._step_tensors(inp)
+        hidden = self.model(step.input_ids, step.positions, caches, step.meta)
         self.model.compute_logits(hidden[-1:])
         del caches, hidden
         torch.cuda.synchronize(self.device)
 
-    def _token_tensors(self, inp: ModelInput) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.tensor(inp.input_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        pos = torch.tensor(inp.positions, dtype=torch.long).to(self.device, non_blocking=True)
-        return ids, pos  # [num_tokens] each
-
-    def _attention_metadata(self, inp: ModelInput) -> AttentionMetadata:
-        tables = _padded_block_tables(inp.block_tables)  # [num_seqs, max_blocks] int32
-        to = dict(device=self.device, non_blocking=True)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(inp.slot_mapping, dtype=torch.long).to(**to),
-            query_start_loc=torch.tensor([0, *accumulate(inp.query_lens)],
-                                         dtype=torch.int32).to(**to),
-            seq_lens=torch.tensor(inp.seq_lens, dtype=torch.int32).to(**to),
-            block_tables=torch.from_numpy(tables).to(**to),
-            block_size=self.block_size,
-            max_query_len=max(inp.query_lens),
-            max_seq_len=max(inp.seq_lens),
-            query_lens_host=inp.query_lens,
-            seq_lens_host=inp.seq_lens,
-        )
-        self.backend.prepare(meta)
-        return meta
+    def _step_tensors(self, inp: ModelInput) -> StepTensors:
+        step = build_step_tensors(inp, self.block_size, self.device)
+        self.backend.prepare(step.meta)
+        return step
 
     @torch.inference_mode()
     def execute(self, inp: ModelInput) -> ModelOutput | None:
@@ -167,11 +135,10 @@ class ModelRunner:
             src, dst = zip(*inp.copy_blocks)
             self.backend.copy_blocks(self.kv_caches, torch.tensor(src, device=self.device),
                                      torch.tensor(dst, device=self.device))
-        meta = self._attention_metadata(inp)
-        ids, pos = self._token_tensors(inp)
+        step = self._step_tensors(inp)
+        ids, pos, meta = step.input_ids, step.positions, step.meta
         if self._argmax_only(inp):
-            rows = torch.tensor(inp.logits_indices, dtype=torch.long)
-            tokens = self.model.greedy_tokens(ids, pos, self.kv_caches, meta, rows)
+            tokens = self.model.greedy_tokens(ids, pos, self.kv_caches, meta, step.logits_indices)
             if tokens is not None:  # [num_sampled] int64, the sampler's argmax bitwise
                 return ModelOutput(sampled_token_ids=tokens.tolist())
         decode_only = inp.num_tokens == inp.num_seqs
@@ -187,8 +154,7 @@ class ModelRunner:
             out.prompt_logprobs = self._prompt_logprobs(hidden, inp)
         if not inp.logits_indices:
             return out if self.is_driver else None
-        rows = torch.tensor(inp.logits_indices, dtype=torch.long, device=self.device)
-        hidden = hidden.index_select(0, rows)  # [num_sampled, hidden]
+        hidden = hidden.index_select(0, step.logits_indices)  # [num_sampled, hidden]
         logits = self.model.compute_logits(hidden)  # [num_sampled, vocab_size]; None off rank 0
         if not self.is_driver:
             return None
