@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+
 import torch
 
 from raylm.kernels.backend import get_backend
@@ -9,8 +10,8 @@ from raylm.workers import kv_cache
 from raylm.workers.config import CacheConfig, ModelConfig
 from raylm.workers.loader import load_model, resolve_dtype, resolve_model_path
 from raylm.workers.model_input import ModelInput, ModelOutput
-from raylm.workers.step_tensors import StepTensors, build_step_tensors
 from raylm.workers.sampler import Sampler
+from raylm.workers.step_tensors import StepTensors, build_step_tensors
 
 logger = logging.getLogger(__name__)
 

@@ -34,6 +34,8 @@ def padded_block_tables(block_tables: list[list[int]]) -> np.ndarray:
 
 @dataclass
 class StepTensors:
+    """One step's index tensors on the runner's device (views of two buffers)."""
+
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     logits_indices: torch.Tensor  # [num_sampled] int64
@@ -56,7 +58,7 @@ def build_step_tensors(inp: ModelInput, block_size: int, device: torch.device) -
     else:
         tables = padded_block_tables(inp.block_tables)
         width = tables.shape[1]
-        ints.frombytes(tables.tobytes())
+        ints.frombytes(memoryview(tables).cast("B"))  # its C-contiguous buffer, no copy
     longs_t = torch.frombuffer(longs, dtype=torch.int64)
     ints_t = torch.frombuffer(ints, dtype=torch.int32)
     if device.type != "cpu":
