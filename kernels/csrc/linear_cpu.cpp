@@ -50,15 +50,16 @@ template <int M>
 constexpr int64_t prefetch_rows() { return kPrefetchTiles * tile_rows<M, true>(); }
 
 #if defined(__AVX512F__)
+#if defined(__GNUC__) && defined(__x86_64__)  // GNU inline asm
+#define RAYLM_PLACED_DOT 1
 // acc + x[0..k16) * w[0..k16) in 16-float vectors (k16 > 0, a multiple of 16): the one-row
 // tile's loop, written out so that where it lands is fixed: at byte 48 of a 64-byte line, across
 // the line's end (jumped to; the NOPs before it never run). Where the compiler put it, the same
 // five instructions ran the batch-1 decode step of the bench model at 0.63-0.66 of the memory
 // floor in the VM's fast memory state at line offsets 0x10 and 0x20, at 0.70-0.77 at 0x30
 // (builds that differed only in padding, alternated process by process); any edit above the loop
-// moved it.
+// moved it. (Elsewhere the tile's own loop below runs it, wherever the compiler puts it.)
 inline __m512 dot_row_placed(const float* x, const float* w, int64_t k16, __m512 acc) {
-#if defined(__GNUC__) && defined(__x86_64__)
   int64_t i = 0;
   asm volatile(
       "jmp 1f\n\t"
@@ -73,12 +74,9 @@ inline __m512 dot_row_placed(const float* x, const float* w, int64_t k16, __m512
       : [acc] "+v"(acc), [i] "+r"(i)
       : [x] "r"(x), [w] "r"(w), [n] "r"(k16)
       : "zmm31", "memory", "cc");
-#else
-  for (int64_t i = 0; i < k16; i += 16)
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(w + i), acc);
-#endif
   return acc;
 }
+#endif
 
 // y[m, n..n+NR) for M input rows and the NR weight rows at wn; any k (the tail is masked).
 // pf: the same rows of a later tile, prefetched while this one computes (nullptr: none).
@@ -90,12 +88,14 @@ inline void tile_avx512(const float* x, int64_t x_stride, const float* wn, int64
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
   int64_t i = 0;
+#ifdef RAYLM_PLACED_DOT
   if constexpr (M == 1 && NR == 1) {
     if (k >= 16) {
       i = k / 16 * 16;
       acc[0][0] = dot_row_placed(x, wn, i, acc[0][0]);
     }
   }
+#endif
   for (; i + 16 <= k; i += 16) {
     if (pf)
       for (int r = 0; r < NR; ++r) _mm_prefetch((const char*)(pf + r * k + i), _MM_HINT_T1);
