@@ -100,6 +100,21 @@ def test_stop_string_spanning_tokens_is_cut(llm):
     _assert_clean(llm)
 
 
+def test_greedy_pick_in_the_compiled_step_equals_the_samplers(llm):
+    """Plain greedy steps take the compiled step's fused LM head + argmax, outside Python's
+    inference mode; asking for logprobs sends the same requests through the sampler. Same
+    tokens, and the caller's thread is left as it was (not in inference mode, grads on)."""
+    prompts = random_prompts(llm.engine.vocab_size, [5, 11, 3], seed=21)
+    fused = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    sampled = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, logprobs=1,
+                                                   ignore_eos=True))
+    for a, b in zip(fused, sampled):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert len(a.outputs[0].token_ids) == 12
+    _assert_clean(llm)
+
+
 def test_min_tokens_suppresses_stop_tokens(llm):
     prompt = random_prompts(llm.engine.vocab_size, [6], seed=13)[0]
     free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8,

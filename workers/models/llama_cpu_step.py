@@ -104,6 +104,9 @@ class LlamaCpuStep:
         attn = model.layers[0].self_attn
         self._shapes = [(p.weight.shape[1], p.weight.shape[0]) for p in _projections(model.layers[0])]
         self._head_shape = (lm_head.weight.shape[1], lm_head.weight.shape[0])
+        # (row count, threads) -> (stream_mask, packed_mask): the layers' and the LM head's
+        self._layer_masks: dict[tuple[int, int], tuple[int, int]] = {}
+        self._head_masks: dict[tuple[int, int], tuple[int, int]] = {}
         self._step = load_extension().LlamaStepCpu(
             layers, model.norm.weight.detach(), attn.rotary_emb.cos_sin_cache, attn.num_heads,
             attn.num_kv_heads, attn.head_dim, model.norm.eps, attn.attn.scale,
@@ -148,11 +151,26 @@ class LlamaCpuStep:
 
     def _masks(self, rows: int, head_rows: int) -> tuple[int, int]:
         """Which projections take the streaming kernel and which the packed GEMM: the layers'
-        at ``rows`` (the step's tokens), the LM head's at ``head_rows`` (its sampled rows)."""
+        at ``rows`` (the step's tokens), the LM head's at ``head_rows`` (its sampled rows).
+        The plan is fixed once measured at load: each row count is looked up once (a dict per
+        side, so at most one entry per row count the scheduler can produce)."""
+        threads = torch.get_num_threads()
+        layers = self._layer_masks.get((rows, threads))
+        if layers is None:
+            layers = self._layer_masks[rows, threads] = self._plan_masks(
+                [(bit, rows, shape) for bit, shape in zip(_PROJECTION_BITS, self._shapes)])
+        if not head_rows:
+            return layers
+        head = self._head_masks.get((head_rows, threads))
+        if head is None:
+            head = self._head_masks[head_rows, threads] = self._plan_masks(
+                [(_HEAD_BIT, head_rows, self._head_shape)])
+        return layers[0] | head[0], layers[1] | head[1]
+
+    @staticmethod
+    def _plan_masks(shapes: list[tuple[int, int, tuple[int, int]]]) -> tuple[int, int]:
+        """(stream_mask, packed_mask) of (bit, rows, (in_features, out_features)) shapes."""
         stream_mask = packed_mask = 0
-        shapes = [(bit, rows, shape) for bit, shape in zip(_PROJECTION_BITS, self._shapes)]
-        if head_rows:
-            shapes.append((_HEAD_BIT, head_rows, self._head_shape))
         for bit, num_rows, (in_features, out_features) in shapes:
             impl = linear_plan.choose(num_rows, in_features, out_features)
             if impl == linear_plan.STREAM:
