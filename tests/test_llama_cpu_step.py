@@ -128,6 +128,17 @@ def test_fused_greedy_pick_equals_the_sampler_path(tiny_model, monkeypatch, arch
         assert got.dtype == torch.int64 and torch.equal(got, want), step
 
 
+def test_a_token_id_outside_the_vocabulary_is_an_error_not_a_read_past_the_table(tiny_model):
+    model = load_model(tiny_model("llama"), dtype=torch.float32, device="cpu", backend=CpuBackend())
+    model._cpu_step = None
+    runner = PagedRunner(model, seed=3)
+    runner.backend = CpuBackend()
+    for bad in (model.vocab_size, -1):
+        with pytest.raises(RuntimeError, match="out of range"):
+            runner.forward([(0, [1, bad, 2])])
+    assert isinstance(model._cpu_step, LlamaCpuStep)
+
+
 def test_the_module_path_is_kept_where_the_stack_cannot_run(tiny_model, monkeypatch):
     from raylm.kernels.backend import TorchBackend
 
