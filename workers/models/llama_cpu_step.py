@@ -102,8 +102,10 @@ class LlamaCpuStep:
                 packed(qkv), packed(o), packed(gate_up), packed(down),
             ])
         attn = model.layers[0].self_attn
-        self._shapes = [(p.weight.shape[1], p.weight.shape[0]) for p in _projections(model.layers[0])]
-        self._head_shape = (lm_head.weight.shape[1], lm_head.weight.shape[0])
+        # (bit, (in_features, out_features)) of the layers' projections and of the LM head
+        self._layer_bits = [(bit, (p.weight.shape[1], p.weight.shape[0])) for bit, p
+                            in zip(_PROJECTION_BITS, _projections(model.layers[0]))]
+        self._head_bits = [(_HEAD_BIT, (lm_head.weight.shape[1], lm_head.weight.shape[0]))]
         # (row count, threads) -> (stream_mask, packed_mask): the layers' and the LM head's
         self._layer_masks: dict[tuple[int, int], tuple[int, int]] = {}
         self._head_masks: dict[tuple[int, int], tuple[int, int]] = {}
@@ -154,27 +156,27 @@ class LlamaCpuStep:
         at ``rows`` (the step's tokens), the LM head's at ``head_rows`` (its sampled rows).
         The plan is fixed once measured at load: each row count is looked up once (a dict per
         side, so at most one entry per row count the scheduler can produce)."""
-        threads = torch.get_num_threads()
-        layers = self._layer_masks.get((rows, threads))
-        if layers is None:
-            layers = self._layer_masks[rows, threads] = self._plan_masks(
-                [(bit, rows, shape) for bit, shape in zip(_PROJECTION_BITS, self._shapes)])
+        layers = self._planned(self._layer_masks, rows, self._layer_bits)
         if not head_rows:
             return layers
-        head = self._head_masks.get((head_rows, threads))
-        if head is None:
-            head = self._head_masks[head_rows, threads] = self._plan_masks(
-                [(_HEAD_BIT, head_rows, self._head_shape)])
+        head = self._planned(self._head_masks, head_rows, self._head_bits)
         return layers[0] | head[0], layers[1] | head[1]
 
     @staticmethod
-    def _plan_masks(shapes: list[tuple[int, int, tuple[int, int]]]) -> tuple[int, int]:
-        """(stream_mask, packed_mask) of (bit, rows, (in_features, out_features)) shapes."""
+    def _planned(cache: dict, rows: int, shapes: list[tuple[int, tuple[int, int]]]
+                 ) -> tuple[int, int]:
+        """(stream_mask, packed_mask) of (bit, (in_features, out_features)) shapes at ``rows``,
+        from ``cache`` or the plan."""
+        key = (rows, torch.get_num_threads())
+        masks = cache.get(key)
+        if masks is not None:
+            return masks
         stream_mask = packed_mask = 0
-        for bit, num_rows, (in_features, out_features) in shapes:
-            impl = linear_plan.choose(num_rows, in_features, out_features)
+        for bit, (in_features, out_features) in shapes:
+            impl = linear_plan.choose(rows, in_features, out_features)
             if impl == linear_plan.STREAM:
                 stream_mask |= bit
             elif impl == linear_plan.PACKED:
                 packed_mask |= bit
+        cache[key] = stream_mask, packed_mask
         return stream_mask, packed_mask
