@@ -16,6 +16,9 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # "fcfs" | "priority" (lower value = served first)
     max_queued_requests: int | None = None  # None = unbounded
+    # Greedy decode steps per executor call where a batch is plain greedy decodes, nothing waits
+    # and nobody streams (offline generate; cluster/multi_step.py). 1 = one step per call.
+    max_decode_steps: int = 8
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -28,6 +31,10 @@ class SchedulerConfig:
             raise ValueError(f"policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
         if self.max_queued_requests is not None and self.max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
+        if (not isinstance(self.max_decode_steps, int) or isinstance(self.max_decode_steps, bool)
+                or self.max_decode_steps < 1):
+            raise ValueError(
+                f"max_decode_steps must be an int >= 1, got {self.max_decode_steps!r}")
 
 
 SPEC_METHODS = ("ngram", "draft_model")
@@ -158,6 +165,7 @@ class EngineConfig:
         enable_chunked_prefill: bool = True,
         scheduling_policy: str = "fcfs",
         max_queued_requests: int | None = None,
+        max_decode_steps: int = 8,
         tensor_parallel_size: int = 1,
         distributed_executor_backend: str = "auto",
         stream_interval: int | str = 1,
@@ -179,7 +187,8 @@ class EngineConfig:
                                       max_num_batched_tokens=max_num_batched_tokens,
                                       enable_chunked_prefill=enable_chunked_prefill,
                                       policy=scheduling_policy,
-                                      max_queued_requests=max_queued_requests),
+                                      max_queued_requests=max_queued_requests,
+                                      max_decode_steps=max_decode_steps),
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
                                     distributed_executor_backend=distributed_executor_backend),
             stream_interval=stream_interval,

@@ -15,6 +15,7 @@ from raylm.cluster.executor import make_executor
 from raylm.cluster.grammar_matcher import GrammarMatchers
 from raylm.cluster.input_builder import SampleGroup, build_model_input, prompt_hidden_spans
 from raylm.cluster.kv_cache_manager import KVCacheManager
+from raylm.cluster import multi_step
 from raylm.cluster.output_builder import make_request_output
 from raylm.cluster.outputs import RequestOutput
 from raylm.cluster.request import Request, Sequence
@@ -23,6 +24,7 @@ from raylm.cluster.sampling_params import SamplingParams
 from raylm.cluster.scheduler import Scheduler, SchedulerOutput
 from raylm.cluster.speculation import Speculator
 from raylm.cluster.stop_checker import StopChecker
+from raylm.workers.model_input import ModelOutput
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,9 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.stop_checker = StopChecker(self.tokenizer, self.max_model_len)
         self.speculator = None
+        # several greedy decode steps per executor call where nobody streams (multi_step.py)
+        self._multi_step = (bool(self.executor.info.get("multi_step_decode"))
+                            and config.speculative is None)
         if config.speculative is not None:
             draft = None
             if config.speculative.method == "draft_model":
@@ -67,6 +72,9 @@ class EngineCore:
         # RequestOutputs handed out (streamed deltas and final outputs): per generated token,
         # what stream_interval saves in messages
         self.num_stream_outputs = 0
+        # executor calls and the model steps they ran (more than the calls: multi-step runs)
+        self.num_executor_calls = 0
+        self.num_model_steps = 0
         self.num_aborted = 0  # requests ended by their caller (cancel, disconnect)
         self.num_failed = 0  # requests ended by an error in their own processing
         logger.info("engine ready in %.1fs: %s, max_model_len %d, %d KV blocks -> max %.1f "
@@ -143,7 +151,12 @@ class EngineCore:
             mask = self.intake.grammars.step_bitmask(groups)
             if mask is not None:
                 inp.sampling.grammar_rows, inp.sampling.grammar_bitmask = mask
+        if not emit_deltas and self._multi_step and not self.scheduler.waiting:
+            multi_step.plan_run(sched, inp, self.kv, self.config.scheduler.max_decode_steps,
+                                self.max_model_len)
         out = self.executor.execute(inp)
+        self.num_executor_calls += 1
+        self.num_model_steps += 1 + len(out.more_steps)
         if self.speculator is not None:
             self.speculator.observe_step(inp.num_tokens, time.perf_counter() - step_start)
         if out.prompt_logprobs:
@@ -152,6 +165,10 @@ class EngineCore:
                 self._guarded(seq.request, failed, self._record_prompt_logprobs,
                               seq, inp.positions[start], rows)
         outputs = self._update(sched, groups, out, emit_deltas, failed)
+        for tokens in out.more_steps:  # a multi-step run: its later steps, in order
+            multi_step.next_step(sched)
+            outputs += self._update(sched, groups, ModelOutput(sampled_token_ids=tokens),
+                                    emit_deltas, failed)
         return failed + outputs
 
     def _num_base_tokens(self) -> int:
@@ -336,6 +353,8 @@ class EngineCore:
             "num_prompt_tokens": self.num_prompt_tokens,
             "num_generation_tokens": self.num_generation_tokens,
             "num_stream_outputs": self.num_stream_outputs,
+            "num_executor_calls": self.num_executor_calls,
+            "num_model_steps": self.num_model_steps,
             "num_aborted": self.num_aborted,
             "num_failed": self.num_failed,
             **self.executor.get_stats(),

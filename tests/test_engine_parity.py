@@ -120,7 +120,7 @@ def test_greedy_steps_fuse_the_lm_head_and_pick_only_when_nothing_else_is_asked(
     greedy = LlamaCpuStep.greedy
     monkeypatch.setattr(LlamaCpuStep, "greedy", lambda self, *a: calls.append(1) or greedy(self, *a))
     path = tiny_model("llama")
-    llm = LLM(str(path), dtype="float32")
+    llm = LLM(str(path), dtype="float32", max_decode_steps=1)
     prompts = random_prompts(llm.engine.vocab_size, [3, 40], seed=5)
     _check(llm, path, prompts)
     assert len(calls) == MAX_TOKENS  # one step per token, both prompts in each

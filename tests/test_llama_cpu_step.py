@@ -87,7 +87,8 @@ class _Greedy:
         if self.fused:
             tokens = self.model.greedy_tokens(input_ids, positions, kv_caches, meta, rows)
             assert tokens is not None, "the compiled step did not run"
-            return tokens
+            assert tokens.shape == (1, rows.shape[0])  # [steps, num_sampled]: one step
+            return tokens[0]
         assert self.model.greedy_tokens(input_ids, positions, kv_caches, meta, rows) is None
         hidden = self.model(input_ids, positions, kv_caches, meta)
         return argmax_rows(self.model.compute_logits(hidden.index_select(0, rows)))

@@ -86,6 +86,13 @@ class ModelInput:
     spec_draft_probs: object | None = None
     # Return the processed distribution each sampled row drew from (the draft model's q).
     return_sampling_probs: bool = False
+    # Multi-step decode (a decode batch of plain greedy rows, cluster/multi_step.py): run up to
+    # this many steps, each feeding the last one's tokens; the block tables already hold every
+    # position the run reaches. The runner may run fewer (ModelOutput.more_steps says how many).
+    num_steps: int = 1
+    # [num_sampled] per row, the token ids after which that row needs no more steps (the run
+    # ends once every row has produced one of its own); only read when num_steps > 1.
+    stop_token_ids: list[list[int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -101,6 +108,8 @@ class ModelOutput:
     """What the runner hands back, on the host."""
 
     sampled_token_ids: list[int]  # [num_sampled]
+    # A multi-step run's tokens after the first step: [steps - 1][num_sampled]
+    more_steps: list[list[int]] = field(default_factory=list)
     # When logprobs were asked: per sampled row, (ids, logprobs) with the chosen token first,
     # then the top-N; None for rows that did not ask.
     logprobs: list[tuple[list[int], list[float]] | None] | None = None

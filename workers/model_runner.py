@@ -63,7 +63,10 @@ class ModelRunner:
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
                 "num_kv_heads_per_rank": self.model.num_kv_heads,
-                "num_blocks": self.num_blocks, "torch_threads": torch.get_num_threads()}
+                "num_blocks": self.num_blocks, "torch_threads": torch.get_num_threads(),
+                # runs several greedy decode steps per call (ModelInput.num_steps)
+                "multi_step_decode": (hasattr(self.model, "greedy_tokens") and self.tp_size == 1
+                                      and self.device.type == "cpu")}
 
     def determine_num_blocks(self) -> int:
         """How many KV blocks this rank's device holds (profiles a forward on GPU)."""
@@ -136,9 +139,11 @@ class ModelRunner:
             # Python's inference-mode context, ~30 us a step at batch 1 on a cold cache.
             step = self._step_tensors(inp)
             tokens = self.model.greedy_tokens(step.input_ids, step.positions, self.kv_caches,
-                                              step.meta, step.logits_indices)
-            if tokens is not None:  # [num_sampled] int64, the sampler's argmax bitwise
-                return ModelOutput(sampled_token_ids=tokens.tolist())
+                                              step.meta, step.logits_indices,
+                                              *self._multi_step_args(inp))
+            if tokens is not None:  # [steps, num_sampled] int64, the sampler's argmax bitwise
+                first, *more = tokens.tolist()
+                return ModelOutput(sampled_token_ids=first, more_steps=more)
             return self._execute(inp, step)
         return self._execute(inp, None)
 
@@ -192,6 +197,17 @@ class ModelRunner:
                 and not (inp.hidden_state_rows or inp.prompt_logprob_rows or inp.spec_groups
                          or inp.return_sampling_probs or inp.return_hidden_states)
                 and inp.sampling.argmax_only)
+
+    @staticmethod
+    def _multi_step_args(inp: ModelInput) -> tuple[int, torch.Tensor | None]:
+        """(num_steps, stop ids [num_sampled, M] int64 padded with -1) of greedy_tokens. Other
+        paths run one step: the engine takes what comes back (ModelOutput.more_steps)."""
+        if inp.num_steps <= 1 or inp.num_tokens != inp.num_seqs:
+            return 1, None
+        rows = inp.stop_token_ids or [[] for _ in inp.logits_indices]
+        width = max(map(len, rows), default=0)
+        stops = [ids + [-1] * (width - len(ids)) for ids in rows]
+        return inp.num_steps, torch.tensor(stops, dtype=torch.int64).view(len(stops), width)
 
     # Rows of logits materialised at once for prompt logprobs ([rows, vocab] fp32 each).
     PROMPT_LOGPROB_CHUNK = 256

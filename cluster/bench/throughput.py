@@ -51,6 +51,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="raylm's KV cache dtype (auto = the model's; HF keeps its own)")
     parser.add_argument("--kv-cache-memory", type=int, default=None,
                         help="KV cache bytes on CPU (default: the engine's choice)")
+    parser.add_argument("--max-decode-steps", type=int, default=8,
+                        help="raylm: greedy decode steps per executor call where a batch allows "
+                             "(1 = one step per call; see cluster/multi_step.py)")
     parser.add_argument("--no-png", action="store_true", help="do not write the PNG chart")
 
 
@@ -88,6 +91,7 @@ def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True, **en
         enable_prefix_caching=enable_prefix_caching,
         seed=args.seed,
         prefault_kv_cache=True,  # as `raylm serve` does: steady state, not the pool's first touch
+        max_decode_steps=getattr(args, "max_decode_steps", 8),
         **engine,
     )
 

@@ -210,13 +210,17 @@ class LlamaForCausalLM(torch.nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,  # [num_sampled] int64
-    ) -> torch.Tensor | None:  # [num_sampled] int64
+        num_steps: int = 1,
+        stop_token_ids: torch.Tensor | None = None,  # [num_sampled, M] int64, -1 pads
+    ) -> torch.Tensor | None:  # [steps, num_sampled] int64
         """The argmax of compute_logits(forward(...)[logits_indices]), bitwise, in one compiled
-        call; None (having computed nothing) where the compiled CPU step cannot run."""
+        call, for up to ``num_steps`` decode steps in a row (LlamaCpuStep.greedy); None (having
+        computed nothing) where the compiled CPU step cannot run."""
         step = self._compiled_step(input_ids, kv_caches)
         if step is None:
             return None
-        return step.greedy(input_ids, positions, kv_caches, meta, logits_indices)
+        return step.greedy(input_ids, positions, kv_caches, meta, logits_indices, num_steps,
+                           stop_token_ids)
 
     def _compiled_step(self, input_ids: torch.Tensor,
                        kv_caches: list[KVCache]) -> LlamaCpuStep | None:

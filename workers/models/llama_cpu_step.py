@@ -141,9 +141,16 @@ class LlamaCpuStep:
                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                meta: AttentionMetadata,
                logits_indices: torch.Tensor,  # [num_sampled] int64, rows to sample
-               ) -> torch.Tensor:  # [num_sampled] int64: the argmax of each row's logits
-        return self._step.greedy(*self._args(input_ids, positions, kv_caches, meta,
-                                             logits_indices.shape[0]), logits_indices)
+               num_steps: int = 1,
+               stop_token_ids: torch.Tensor | None = None,  # [num_sampled, M] int64, -1 pads
+               ) -> torch.Tensor:  # [steps, num_sampled] int64: each row's argmax, per step
+        """The greedy tokens of ``num_steps`` decode steps in a row (fewer when every row has
+        produced one of its stop ids first); see LlamaStepCpu::greedy."""
+        rows = logits_indices.shape[0]
+        if stop_token_ids is None:
+            stop_token_ids = torch.empty(rows, 0, dtype=torch.int64)
+        return self._step.greedy(*self._args(input_ids, positions, kv_caches, meta, rows),
+                                 logits_indices, num_steps, stop_token_ids, meta.block_size)
 
     def _args(self, input_ids, positions, kv_caches, meta, head_rows: int) -> tuple:
         stream_mask, packed_mask = self._masks(input_ids.shape[0], head_rows)
