@@ -118,6 +118,9 @@ def _raylm_decode(args: argparse.Namespace, request: BenchRequest, floor: Callab
     logger.info("raylm tp=%d: timing batch-1 decode (%d iterations)", tp, args.num_iters)
     result = measure_decode(generate, request.output_len, args.num_iters, floor)
     stats = llm.get_stats()
+    # multi-step decode (cluster/multi_step.py, --max-decode-steps): model steps per call
+    result["model_steps_per_executor_call"] = (stats["num_model_steps"]
+                                               / max(1, stats["num_executor_calls"]))
     if "executor_dispatch_us_mean" in stats:
         result["dispatch_us_per_step"] = stats["executor_dispatch_us_mean"]
     if speculative_config is not None:
@@ -214,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
         "num_iters": args.num_iters,
+        "max_decode_steps": args.max_decode_steps,
         "params": counts.as_dict(),
         "roofline": {
             "memory_bandwidth_bytes_per_s": bandwidth,
@@ -262,6 +266,9 @@ def _print_summary(data: dict[str, Any]) -> None:
     if data["decode_speed_ratio"] is not None:
         print(f"raylm decode speed / hf: {data['decode_speed_ratio']:.2f}x")
     for name, r in data["results"].items():
+        if "model_steps_per_executor_call" in r:
+            print(f"{name}: {r['model_steps_per_executor_call']:.2f} model steps per executor "
+                  f"call (--max-decode-steps {data['max_decode_steps']}; 1: one per call)")
         if name.endswith(" spec"):
             plain = data["results"][name.removesuffix(" spec")]
             print(f"{name}: {plain['decode_s_per_token'] / r['decode_s_per_token']:.2f}x the "
