@@ -117,6 +117,24 @@ def test_latency_command_writes_decode_time_and_floor_fraction(model_dir, tmp_pa
     assert "ms/token" in capsys.readouterr().out
 
 
+def test_latency_times_multi_step_decode_against_one_step_per_call(model_dir, tmp_path, capsys):
+    out = tmp_path / "latency.json"
+    args = _parse(latency, [
+        "--model", model_dir, "--prompt-len", "8", "--output-len", "12", "--num-iters", "1",
+        "--baseline", "none", "--kv-cache-memory", KV_CACHE_BYTES, "--ab-decode-steps", "2",
+        "--out", str(out), "--no-png",
+    ])
+    assert latency.run(args) == 0
+
+    data = json.loads(out.read_text())
+    assert data["results"]["raylm"]["model_steps_per_executor_call"] > 2  # runs of up to 8
+    ab = data["decode_steps_ab"]
+    assert ab["max_decode_steps"] == 8 and ab["pairs"] == 2 and 0 <= ab["faster_in"] <= 2
+    assert ab["ms_per_token"] > 0 and ab["one_step_ms_per_token"] > 0
+    assert ab["median_time_ratio"] > 0
+    assert "decode steps per call" in capsys.readouterr().out
+
+
 def test_latency_judges_each_run_against_the_windows_around_it():
     """A run's floor is the stricter of the bandwidth windows just before and after it, so a slow
     machine moment slows floor and decode alike instead of flattering or sinking the fraction."""

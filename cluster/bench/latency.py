@@ -19,11 +19,16 @@ one buffer moves by almost 2x from minute to minute (35-65 GB/s over 166 MB on t
 VM), and the decode moves with it; a floor measured minutes away from the run it judges says more
 about the neighbours than about the engine. The fraction reported is the median of the runs'
 paired fractions; the floor over all windows (the strictest) is reported next to it.
+
+raylm runs greedy decode several steps per executor call (``--max-decode-steps``, default 8;
+cluster/multi_step.py), as ``LLM.generate`` does; ``--ab-decode-steps PAIRS`` also times that
+against one step per call side by side (two engines in one process, alternating requests).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -53,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative-config", type=json_dict, default=None,
                         help="also time each degree with this speculative decoding config "
                              "(JSON), side by side with plain decoding")
+    parser.add_argument("--ab-decode-steps", type=int, default=0, metavar="PAIRS",
+                        help="also time --max-decode-steps against one step per executor call "
+                             "side by side: two engines in this process, PAIRS alternating "
+                             "requests in random order (0: skip)")
     parser.add_argument("--out", default="bench_latency.json", help="JSON result path")
 
 
@@ -133,6 +142,45 @@ def _raylm_decode(args: argparse.Namespace, request: BenchRequest, floor: Callab
     return result
 
 
+def ab_decode_steps(args: argparse.Namespace, request: BenchRequest) -> dict[str, Any]:
+    """Batch-1 decode per token with args.max_decode_steps against one step per executor call:
+    two engines in one process, args.ab_decode_steps pairs of requests, each pair in random
+    order (a noisy machine drifts between pairs, not inside one)."""
+    engines = {steps: build_llm(args, enable_prefix_caching=False, max_num_seqs=1,
+                                max_decode_steps=steps)
+               for steps in (args.max_decode_steps, 1)}
+    params = greedy_params(request.output_len)
+
+    def per_token(llm) -> float:
+        out = llm.generate([request.prompt_token_ids], params, use_tqdm=False)[0]
+        m = out.metrics
+        return ((m.last_token_time or m.finished_time) - m.first_token_time) / (
+            request.output_len - 1)
+
+    for llm in engines.values():
+        per_token(llm)  # warm-up
+    rng = random.Random(args.seed)
+    times: dict[int, list[float]] = {steps: [] for steps in engines}
+    logger.info("timing %d pairs: %d decode steps per call against 1", args.ab_decode_steps,
+                args.max_decode_steps)
+    for _ in range(args.ab_decode_steps):
+        order = list(engines)
+        rng.shuffle(order)
+        for steps in order:
+            times[steps].append(per_token(engines[steps]))
+    for llm in engines.values():
+        llm.shutdown()
+    del engines
+    free_memory()
+    multi, single = times[args.max_decode_steps], times[1]
+    ratios = [m / s for m, s in zip(multi, single)]
+    return {"max_decode_steps": args.max_decode_steps, "pairs": len(ratios),
+            "ms_per_token": 1e3 * statistics.median(multi),
+            "one_step_ms_per_token": 1e3 * statistics.median(single),
+            "median_time_ratio": statistics.median(ratios),
+            "faster_in": sum(r < 1 for r in ratios)}
+
+
 def _step_clock() -> Any:
     """A transformers streamer that records when generate hands out each new token: `.times`."""
     from transformers.generation.streamers import BaseStreamer  # lazy: keeps the CLI start fast
@@ -199,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
                                                      args.speculative_config)
     if args.baseline == "hf":
         measured["hf"] = _hf_decode(args, request, device, floor)
+    ab = ab_decode_steps(args, request) if args.ab_decode_steps > 0 else None
     windows = [f for m in measured.values() for f in m["floor_windows_s_per_token"]]
     floor_s = min(windows)  # the strictest floor of the command: its fastest window
     bandwidth = weight_bytes / floor_s
@@ -218,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
         "output_len": args.output_len,
         "num_iters": args.num_iters,
         "max_decode_steps": args.max_decode_steps,
+        "decode_steps_ab": ab,
         "params": counts.as_dict(),
         "roofline": {
             "memory_bandwidth_bytes_per_s": bandwidth,
@@ -276,6 +326,12 @@ def _print_summary(data: dict[str, Any]) -> None:
                   f"{100 * r['spec_acceptance_rate']:.0f}%, mean acceptance length "
                   f"{r['spec_mean_acceptance_length']:.2f}, draft "
                   f"{100 * r['spec_draft_time_fraction']:.0f}% of step time)")
+    ab = data.get("decode_steps_ab")
+    if ab is not None:
+        print(f"side by side, {ab['pairs']} pairs: {ab['max_decode_steps']} decode steps per call "
+              f"{ab['ms_per_token']:.3f} ms/token, one per call {ab['one_step_ms_per_token']:.3f}: "
+              f"{ab['median_time_ratio']:.3f} of the time (median of pairs), faster in "
+              f"{ab['faster_in']} of {ab['pairs']}")
     base = data["results"].get("raylm")
     for name, r in data["results"].items():
         if name.startswith("raylm tp=") and not name.endswith(" spec") and base is not None:

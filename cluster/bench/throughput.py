@@ -91,8 +91,7 @@ def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True, **en
         enable_prefix_caching=enable_prefix_caching,
         seed=args.seed,
         prefault_kv_cache=True,  # as `raylm serve` does: steady state, not the pool's first touch
-        max_decode_steps=getattr(args, "max_decode_steps", 8),
-        **engine,
+        **({"max_decode_steps": getattr(args, "max_decode_steps", 8)} | engine),
     )
 
 
