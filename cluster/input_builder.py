@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from raylm.cluster.request import Sequence
 from raylm.cluster.scheduler import SchedulerOutput
+from raylm.cluster.stop_checker import ending_token_ids
 from raylm.workers.model_input import ModelInput, SamplingMetadata
 
 
@@ -44,13 +45,7 @@ def prompt_hidden_spans(sched: SchedulerOutput) -> list[HiddenSpan]:
 
 def _banned_ids(seq: Sequence, step: int) -> list[int]:
     """Before min_tokens, the tokens that would end the sequence cannot be sampled (as HF)."""
-    p = seq.request.params
-    if step >= p.min_tokens:
-        return []
-    ids = list(p.stop_token_ids or [])
-    if not p.ignore_eos:
-        ids.extend(seq.request.eos_token_ids)
-    return ids
+    return ending_token_ids(seq) if step < seq.request.params.min_tokens else []
 
 
 def build_sampling_metadata(groups: list[SampleGroup]) -> SamplingMetadata:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from raylm.cluster.decoding import SamplingDecoder
 from raylm.cluster.kv_cache_manager import KVCacheManager
-from raylm.cluster.request import Sequence
 from raylm.cluster.scheduler import SchedulerOutput
+from raylm.cluster.stop_checker import ending_token_ids
 from raylm.workers.model_input import ModelInput
 
 
@@ -46,7 +46,11 @@ def plan_run(sched: SchedulerOutput, inp: ModelInput, kv: KVCacheManager, max_st
         assert not copies, "a plain greedy sequence shares no partial block"
     inp.block_tables = [s.seq.block_ids for s in sched.scheduled]
     inp.num_steps = steps
-    inp.stop_token_ids = [_stop_ids(s.seq) for s in sched.scheduled]
+    # the ids that end a sequence now (none before min_tokens: then the run goes on; the
+    # engine's stop rules still apply to every token)
+    inp.stop_token_ids = [ending_token_ids(s.seq)
+                          if s.seq.num_output_tokens >= s.seq.request.params.min_tokens else []
+                          for s in sched.scheduled]
     return steps
 
 
@@ -73,12 +77,3 @@ def _decode_batch(sched: SchedulerOutput, inp: ModelInput) -> bool:
                 or decoder.num_samples(seq) != 1 or len(seq.request.seqs) != 1):
             return False
     return True
-
-
-def _stop_ids(seq: Sequence) -> list[int]:
-    """The token ids that end ``seq`` now (StopChecker's id rules): the run need not go past."""
-    p = seq.request.params
-    if seq.num_output_tokens < p.min_tokens:
-        return []
-    ids = [] if p.ignore_eos else list(seq.request.eos_token_ids)
-    return ids + list(p.stop_token_ids or [])

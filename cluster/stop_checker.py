@@ -5,6 +5,16 @@ from raylm.cluster.detokenizer import IncrementalDetokenizer
 from raylm.cluster.request import Sequence
 
 
+def ending_token_ids(seq: Sequence) -> list[int]:
+    """The token ids that end ``seq`` once it has min_tokens outputs (check's id rules): its
+    stop_token_ids, and its EOS ids unless ignore_eos."""
+    p = seq.request.params
+    ids = list(p.stop_token_ids or [])
+    if not p.ignore_eos:
+        ids.extend(seq.request.eos_token_ids)
+    return ids
+
+
 class StopChecker:
     def __init__(self, tokenizer, max_model_len: int) -> None:
         self.tokenizer = tokenizer

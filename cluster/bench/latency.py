@@ -110,6 +110,16 @@ def _tp_list(text: str) -> list[int]:
     return values
 
 
+def _timed_generate(llm, request: BenchRequest, params) -> TokenTimes:
+    """One greedy request through ``llm``, timed by the engine's own per-request timestamps."""
+    out = llm.generate([request.prompt_token_ids], params, use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == request.output_len, "ignore_eos forces the length"
+    m = out.metrics
+    if m is None or m.first_token_time is None or m.finished_time is None:
+        raise RuntimeError("the engine returned no per-request timestamps (metrics)")
+    return TokenTimes(m.arrival_time, m.first_token_time, m.last_token_time or m.finished_time)
+
+
 def _raylm_decode(args: argparse.Namespace, request: BenchRequest, floor: Callable[[], float],
                   tp: int = 1, speculative_config: dict | None = None) -> dict[str, Any]:
     llm = build_llm(args, enable_prefix_caching=False, max_num_seqs=1, tensor_parallel_size=tp,
@@ -117,12 +127,7 @@ def _raylm_decode(args: argparse.Namespace, request: BenchRequest, floor: Callab
     params = greedy_params(request.output_len)
 
     def generate() -> TokenTimes:
-        out = llm.generate([request.prompt_token_ids], params, use_tqdm=False)[0]
-        assert len(out.outputs[0].token_ids) == request.output_len, "ignore_eos forces the length"
-        m = out.metrics
-        if m is None or m.first_token_time is None or m.finished_time is None:
-            raise RuntimeError("the engine returned no per-request timestamps (metrics)")
-        return TokenTimes(m.arrival_time, m.first_token_time, m.last_token_time or m.finished_time)
+        return _timed_generate(llm, request, params)
 
     logger.info("raylm tp=%d: timing batch-1 decode (%d iterations)", tp, args.num_iters)
     result = measure_decode(generate, request.output_len, args.num_iters, floor)
@@ -152,10 +157,8 @@ def ab_decode_steps(args: argparse.Namespace, request: BenchRequest) -> dict[str
     params = greedy_params(request.output_len)
 
     def per_token(llm) -> float:
-        out = llm.generate([request.prompt_token_ids], params, use_tqdm=False)[0]
-        m = out.metrics
-        return ((m.last_token_time or m.finished_time) - m.first_token_time) / (
-            request.output_len - 1)
+        t = _timed_generate(llm, request, params)
+        return (t.last_token - t.first_token) / (request.output_len - 1)
 
     for llm in engines.values():
         per_token(llm)  # warm-up
