@@ -273,7 +273,7 @@ def test_64_concurrent_streams_complete(server):
     assert tokens == sum(40 + i % 5 for i in range(64)) and outputs < 0.75 * tokens, (outputs, tokens)
 
 
-def test_bench_clients_time_every_token_of_a_several_token_message(server):
+def test_bench_clients_time_every_token_of_a_several_token_message(server, monkeypatch):
     """`raylm bench serve`'s clients under the default stream interval at 64 streams (several
     tokens per message): each counts every token and spreads a message's gap over its tokens,
     the HTTP client through the chunks' continuous usage, so both report one inter-token latency
@@ -281,10 +281,20 @@ def test_bench_clients_time_every_token_of_a_several_token_message(server):
     import argparse
     import asyncio
 
+    from raylm.cluster.bench import serve_clients
     from raylm.cluster.bench.serve_clients import GrpcClient, HttpClient, Sample
 
     args = argparse.Namespace(host="127.0.0.1", http_port=server["http_port"],
                               grpc_port=server["grpc_port"], app_name=APP, output_len=40)
+    # the messages each sample received, by the number of tokens they carried
+    sizes: dict[int, list[int]] = {}
+    record = serve_clients.record_message
+
+    def recording(sample, start, last, num_new_tokens):
+        sizes.setdefault(id(sample), []).append(num_new_tokens)
+        return record(sample, start, last, num_new_tokens)
+
+    monkeypatch.setattr(serve_clients, "record_message", recording)
 
     async def run() -> list[Sample]:
         clients = [HttpClient(args), GrpcClient(args)]
@@ -297,18 +307,15 @@ def test_bench_clients_time_every_token_of_a_several_token_message(server):
                 await c.close()
         return samples
 
-    before = server["llm"].get_stats.remote().result()
     samples = asyncio.run(run())
     assert wait_until(lambda: _idle(server["llm"]), timeout_s=30)
-    after = server["llm"].get_stats.remote().result()
     for s in samples:
         assert s.error is None and s.num_output_tokens == 40 and len(s.itls) == 39
         assert 0 < s.ttft <= s.e2e
-    tokens = after["num_generation_tokens"] - before["num_generation_tokens"]
-    outputs = after["num_stream_outputs"] - before["num_stream_outputs"]
-    # some messages carried several tokens (the case the counting above is about); how many
-    # depends on how many of the 64 run at once (0.55-0.81 outputs per token measured)
-    assert tokens == 64 * 40 and outputs < 0.9 * tokens, (outputs, tokens)
+    # both clients met messages of several tokens (the case the counting above is about; how
+    # many depends on how many of the 64 run at once: 0.55-0.92 messages per token measured)
+    for client in range(2):  # HTTP: even i, gRPC: odd i
+        assert any(k > 1 for s in samples[client::2] for k in sizes[id(s)]), client
 
 
 @pytest.mark.skipif(not pathlib.Path("/proc").is_dir(), reason="reads /proc")
