@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from raylm.cluster.config import EngineConfig
@@ -34,6 +35,11 @@ class Executor(abc.ABC):
 
     def get_stats(self) -> dict[str, Any]:
         return {}
+
+    def set_compute_hook(self, hook: Callable[[], None] | None) -> bool:
+        """Have ``hook`` called once per step in this process, right before the model's compute
+        starts; False where the compute runs elsewhere (rank actors: no GIL shared)."""
+        return False
 
     @abc.abstractmethod
     def shutdown(self) -> None:
@@ -61,6 +67,10 @@ class InProcessExecutor(Executor):
 
     def execute(self, inp: ModelInput) -> ModelOutput:
         return self.worker.execute(inp)
+
+    def set_compute_hook(self, hook: Callable[[], None] | None) -> bool:
+        self.worker.runner.compute_hook = hook
+        return True
 
     def shutdown(self) -> None:
         self.worker = None

@@ -288,6 +288,40 @@ def test_the_model_is_built_and_stepped_on_the_step_thread_only(tiny_model, monk
     assert {name for _, name in seen} == {"raylm-step-loop"}, seen
 
 
+def test_a_steps_outputs_reach_the_loop_when_the_next_steps_compute_starts(tiny_model):
+    """On the step thread, a step's outputs are handed to the event loop right before the next
+    step's model compute (which runs without the GIL), not while that step's Python still
+    runs: the loop's serving work then overlaps the compute. The last step's outputs go out
+    when the engine has nothing left to run, so the stream still ends."""
+    eng = AsyncEngine(str(tiny_model("llama")), dtype="float32")
+    events = []
+    runner = eng.core.executor.worker.runner
+    release, deliver = runner.compute_hook, eng._deliver_step
+    assert release is not None
+
+    def compute_starts():
+        events.append("compute")
+        release()
+
+    def delivering(outputs):
+        events.append("deliver")
+        deliver(outputs)
+
+    runner.compute_hook, eng._deliver_step = compute_starts, delivering
+    try:
+        async def main():
+            params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+            return [out async for out in eng.generate("Once upon a time", params)]
+
+        outs = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 5
+    # 5 steps (the prefill and 4 decodes): each hands over the step before it as its compute
+    # starts; the last step's outputs follow once nothing is left to run
+    assert events == ["compute"] + ["compute", "deliver"] * 4 + ["deliver"], events
+
+
 def test_a_failed_build_raises_in_the_caller_and_leaves_no_step_thread(tmp_path):
     import threading
 

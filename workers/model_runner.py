@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -56,6 +57,11 @@ class ModelRunner:
         self.num_blocks = 0
         self.kv_caches: list = []
         self.cuda_graphs = None
+        # Called once a step, right before the model's compute (which runs without the GIL on
+        # CPU): an in-process AsyncEngine hands the last step's outputs to its event loop here,
+        # so that loop's Python overlaps the compute instead of the step's Python (see
+        # AsyncEngine._run).
+        self.compute_hook: Callable[[], None] | None = None
 
     def info(self) -> dict:
         """What the executor reports about this rank (logs, tests, metrics)."""
@@ -138,6 +144,7 @@ class ModelRunner:
             # The compiled greedy step keeps autograd out itself (in C++): this path skips
             # Python's inference-mode context, ~30 us a step at batch 1 on a cold cache.
             step = self._step_tensors(inp)
+            self._compute_starts()
             tokens = self.model.greedy_tokens(step.input_ids, step.positions, self.kv_caches,
                                               step.meta, step.logits_indices,
                                               *self._multi_step_args(inp))
@@ -157,6 +164,7 @@ class ModelRunner:
             step = self._step_tensors(inp)
         ids, pos, meta = step.input_ids, step.positions, step.meta
         decode_only = inp.num_tokens == inp.num_seqs
+        self._compute_starts()
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(inp.num_seqs, decode_only):
             hidden = self.cuda_graphs.run(ids, pos, meta)  # [num_seqs, hidden], static buffer
         else:
@@ -187,6 +195,10 @@ class ModelRunner:
         if inp.return_hidden_states:
             out.hidden_states = hidden
         return out
+
+    def _compute_starts(self) -> None:
+        if self.compute_hook is not None:
+            self.compute_hook()
 
     def _argmax_only(self, inp: ModelInput) -> bool:
         """Whether the step's output is the argmax of its sampled rows' logits and nothing
