@@ -109,6 +109,9 @@ class LlamaCpuStep:
         # (row count, threads) -> (stream_mask, packed_mask): the layers' and the LM head's
         self._layer_masks: dict[tuple[int, int], tuple[int, int]] = {}
         self._head_masks: dict[tuple[int, int], tuple[int, int]] = {}
+        # [rows, 0] int64 "no stop ids" per row count: made once, so that no torch call (each
+        # lets go of the GIL) lies between the runner's compute hook and the compiled call
+        self._no_stops: dict[int, torch.Tensor] = {}
         self._step = load_extension().LlamaStepCpu(
             layers, model.norm.weight.detach(), attn.rotary_emb.cos_sin_cache, attn.num_heads,
             attn.num_kv_heads, attn.head_dim, model.norm.eps, attn.attn.scale,
@@ -148,7 +151,9 @@ class LlamaCpuStep:
         produced one of its stop ids first); see LlamaStepCpu::greedy."""
         rows = logits_indices.shape[0]
         if stop_token_ids is None:
-            stop_token_ids = torch.empty(rows, 0, dtype=torch.int64)
+            stop_token_ids = self._no_stops.get(rows)
+            if stop_token_ids is None:
+                stop_token_ids = self._no_stops[rows] = torch.empty(rows, 0, dtype=torch.int64)
         return self._step.greedy(*self._args(input_ids, positions, kv_caches, meta, rows),
                                  logits_indices, num_steps, stop_token_ids, meta.block_size)
 
