@@ -92,14 +92,15 @@ class SpeculativeConfig:
 # stream_interval="auto" on a CPU device: (running requests at least, steps per delta), the
 # last row that applies wins. A served message costs c ~ 0.1-0.15 ms of the step's own cores
 # (the replica's event loop, Serve's direct ingress, gRPC or HTTP framing, HAProxy, the
-# client's socket, and the OpenMP barrier a preempted compute thread holds up), so n streams
-# at k steps per delta cost about n * c / (k * t_step(n)) of the step time. The rows keep that
-# at or below ~7 % on the 2-core dev VM (t_step ~ 18 ms at 16 streams, ~22 ms at 24, ~27 ms
-# at 32): k = 2 would cost ~8 % at 24 streams and ~9 % at 32. A client at concurrency C keeps
-# a little under C requests running (between one's end and the next one's start), hence 24
-# for the 32-stream level: there k = 2 measured 0.87-0.94x (mean 0.90) the in-process engine's
-# tokens/s over gRPC, k = 3 0.90-0.98x (mean 0.94), 5 runs each (README, "Serving path").
-AUTO_STREAM_INTERVALS = ((16, 2), (24, 3))
+# client's socket), and about as much again in the OpenMP barrier its preempted compute
+# thread holds up, so n streams at k steps per delta cost about 2 * n * c / (k * t_step(n))
+# of the step time (t_step ~ 18 ms at 16 streams, ~22 ms at 24, ~27-30 ms at 32). A client
+# at concurrency C keeps a little under C requests running (between one's end and the next
+# one's start), hence 24 for the 32-stream level. There, with a closed-loop gRPC client of
+# 320 requests x 128 tokens, k = 2 measured 0.87-0.94x (mean 0.90) the in-process engine's
+# tokens/s, k = 3 0.86-0.94x (mean 0.89, 4 runs, session 27) and k = 4 0.92-0.97x (mean
+# 0.94, 4 runs alternated with those) (README, "Serving path").
+AUTO_STREAM_INTERVALS = ((16, 2), (24, 4))
 
 
 def parse_stream_interval(text: str) -> int | str:

@@ -242,7 +242,7 @@ def test_auto_stream_interval_policy_and_flag():
     from raylm.cluster.config import EngineConfig, auto_stream_interval, parse_stream_interval
     from raylm.cluster.serve.app import AppConfig
 
-    assert [auto_stream_interval(n, "cpu") for n in (1, 15, 16, 23, 24, 256)] == [1, 1, 2, 2, 3, 3]
+    assert [auto_stream_interval(n, "cpu") for n in (1, 15, 16, 23, 24, 256)] == [1, 1, 2, 2, 4, 4]
     assert auto_stream_interval(256, "cuda:0") == 1
     assert AppConfig().engine_args()["stream_interval"] == "auto"  # raylm serve's default
     assert AppConfig(stream_interval=1).engine_args()["stream_interval"] == 1
