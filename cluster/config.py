@@ -96,10 +96,10 @@ class SpeculativeConfig:
 # thread holds up, so n streams at k steps per delta cost about 2 * n * c / (k * t_step(n))
 # of the step time (t_step ~ 18 ms at 16 streams, ~22 ms at 24, ~27-30 ms at 32). A client
 # at concurrency C keeps a little under C requests running (between one's end and the next
-# one's start), hence 24 for the 32-stream level. There, with a closed-loop gRPC client of
-# 320 requests x 128 tokens, k = 2 measured 0.87-0.94x (mean 0.90) the in-process engine's
-# tokens/s, k = 3 0.86-0.94x (mean 0.89, 4 runs, session 27) and k = 4 0.92-0.97x (mean
-# 0.94, 4 runs alternated with those) (README, "Serving path").
+# one's start), hence 24 for the 32-stream level. There a closed-loop gRPC client (320
+# requests x 128 tokens, 4 runs each, alternated) got 0.86-0.94x (mean 0.89) the in-process
+# engine's tokens/s at k = 3 and 0.92-0.97x (mean 0.94) at k = 4; `raylm bench serve` at 32
+# streams, gRPC: k = 2 0.87-0.94x (5 runs), k = 4 0.91-0.99x (6 runs) (README, "Serving path").
 AUTO_STREAM_INTERVALS = ((16, 2), (24, 4))
 
 
