@@ -90,7 +90,7 @@ class SpeculativeConfig:
 
 
 # stream_interval="auto" on a CPU device: (running requests at least, steps per delta), the
-# last row that applies wins. A served message costs c ~ 0.1-0.15 ms of the step's own cores
+# last row that applies wins; every stream's deltas go on the same steps (EngineCore). A served message costs c ~ 0.1-0.15 ms of the step's own cores
 # (the replica's event loop, Serve's direct ingress, gRPC or HTTP framing, HAProxy, the
 # client's socket), and about as much again in the OpenMP barrier its preempted compute
 # thread holds up, so n streams at k steps per delta cost about 2 * n * c / (k * t_step(n))

@@ -72,6 +72,7 @@ class EngineCore:
         # RequestOutputs handed out (streamed deltas and final outputs): per generated token,
         # what stream_interval saves in messages
         self.num_stream_outputs = 0
+        self.num_delta_steps = 0  # steps taken up to now: streams get deltas on its multiples
         # executor calls and the model steps they ran (more than the calls: multi-step runs)
         self.num_executor_calls = 0
         self.num_model_steps = 0
@@ -268,6 +269,7 @@ class EngineCore:
                 touched[request.request_id] = request
         outputs = []
         interval = self._stream_interval() if emit_deltas else 1
+        self.num_delta_steps += 1
         for request in touched.values():
             if request.request_id not in self.requests:
                 continue  # failed after it was touched
@@ -293,13 +295,11 @@ class EngineCore:
             out = make_request_output(request, final=True)
             self.requests.pop(request.request_id, None)
             return [out]
-        if emit_deltas:
-            request.num_unstreamed_steps += 1
-            first = request.num_unstreamed_steps == 1 and not request.streamed_any
-            if first or request.num_unstreamed_steps >= interval:
-                request.num_unstreamed_steps = 0
-                request.streamed_any = True
-                return [make_request_output(request, final=False)]
+        # A stream's first delta goes at once, later ones on every interval-th step of the
+        # engine: all streams on the same steps, so the consumer wakes once per interval.
+        if emit_deltas and (not request.streamed_any or self.num_delta_steps % interval == 0):
+            request.streamed_any = True
+            return [make_request_output(request, final=False)]
         return []
 
     # -- EngineOps: how decoders change sequences --------------------------------------------

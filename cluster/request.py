@@ -102,7 +102,6 @@ class Request:
         self.cache_salt: str | None = None  # isolates this request's prefix-cache entries
         self.spec_acceptance: float | None = None  # moving acceptance rate of its drafts
         self.prompt_logprobs: list[dict[int, float] | None] | None = None  # when asked
-        self.num_unstreamed_steps = 0  # steps with new tokens since the last streamed delta
         self.streamed_any = False
 
     @property

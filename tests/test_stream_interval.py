@@ -20,11 +20,15 @@ def test_stream_interval_batches_deltas_without_losing_tokens(tiny_model):
                 last = out
             return deltas, tokens, last
         deltas, tokens, last = asyncio.run(main())
-        # The first token at once, then every 4 steps, the rest with the final output: the
-        # engine emits after tokens 1, 5, 9 and 13. A reader that fell behind (a busy machine)
-        # gets adjacent deltas merged, so the stream ends at a subset of those points.
+        # The first token at once, then on every 4th step of the engine (the same steps for
+        # every stream: here within 4 tokens of the first), the rest with the final output. A
+        # reader that fell behind (a busy machine) gets adjacent deltas merged, so the stream
+        # ends at a subset of those points.
         ends = list(itertools.accumulate(deltas))
-        assert set(ends) <= {1, 5, 9, 13} and ends[-1] == 13, deltas
+        assert ends[-1] == 13 and ends[0] == 1, deltas
+        middle = [e for e in ends[1:] if e != 13]
+        assert all(e > 1 and (e - middle[0]) % 4 == 0 for e in middle), deltas
+        assert not middle or middle[0] <= 5, deltas
         assert tokens == last.outputs[0].token_ids
     finally:
         eng.shutdown()
@@ -32,8 +36,9 @@ def test_stream_interval_batches_deltas_without_losing_tokens(tiny_model):
 
 def test_auto_stream_interval_pairs_tokens_only_under_load(tiny_model):
     """stream_interval="auto" on CPU: a lone request gets a delta per token; 20 requests running
-    together get their first token at once, then deltas of 2 tokens, and no token is lost.
-    (EngineCore's deltas: an AsyncEngine reader that falls behind merges them further.)"""
+    together get their first token at once, then deltas of 2 tokens, all on the same steps (the
+    consumer wakes once per interval, not once per step), and no token is lost. (EngineCore's
+    deltas: an AsyncEngine reader that falls behind merges them further.)"""
     from raylm.cluster.config import EngineConfig
     from raylm.cluster.engine_core import EngineCore
 
@@ -49,13 +54,18 @@ def test_auto_stream_interval_pairs_tokens_only_under_load(tiny_model):
                 ids.append(request.request_id)
             deltas = {rid: [] for rid in ids}
             tokens = {rid: [] for rid in ids}
+            delta_steps = set()  # steps that sent a stream a delta other than its first or last
             while core.has_unfinished():
                 for out in core.step(emit_deltas=True):
+                    if deltas[out.request_id] and not out.finished:
+                        delta_steps.add(core.num_delta_steps)
                     deltas[out.request_id].append(len(out.outputs[0].delta_token_ids))
                     tokens[out.request_id] += out.outputs[0].delta_token_ids
                     if out.finished:
                         assert tokens[out.request_id] == out.outputs[0].token_ids
             assert all(len(t) == 12 for t in tokens.values())
+            if len(prompts) >= 16:
+                assert delta_steps and all(step % 2 == 0 for step in delta_steps), delta_steps
             return list(deltas.values())
 
         assert deltas_of([[5, 6, 7]]) == [[1] * 12]
