@@ -28,6 +28,7 @@ build a replica on a thread that does not outlive the constructor.)
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -63,6 +64,16 @@ def by_default(device: str, compute_threads: int) -> bool:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return compute_threads < cores
+
+
+def freeze_startup_objects() -> None:
+    """Move everything alive once an engine is up (model, tokenizer, Ray, Serve: ~10^6 objects)
+    out of the garbage collector's reach. A full collection otherwise scans all of it holding
+    the GIL (~200 ms in a CPU replica, every minute or two under load): a stall of the step
+    and of every stream. Frozen, it scans what requests allocated (~15 ms)."""
+    gc.collect()
+    gc.freeze()
+    logger.info("%d start-up objects frozen out of garbage collection", gc.get_freeze_count())
 
 
 def portable(exc: BaseException) -> BaseException:
@@ -152,6 +163,7 @@ def main(fd_in: int, fd_out: int) -> None:
         outbox.send(("failed", portable(e)))
         return
     try:
+        freeze_startup_objects()
         outbox.send(("ready", {"model_path": str(core.executor.model_path),
                                "max_model_len": core.max_model_len,
                                "stats": core.get_stats()}))

@@ -100,6 +100,9 @@ class LLMServer:
         self._num_routing_reports = 0
         # without a prefix cache there is nothing to route to: report no prefixes
         self._prefix_caching = bool(engine_args.get("enable_prefix_caching", True))
+        from raylm.cluster.engine_process import freeze_startup_objects
+
+        freeze_startup_objects()
 
     # --- generation ---------------------------------------------------------------------------
 
