@@ -90,10 +90,10 @@ class SpeculativeConfig:
 
 
 # stream_interval="auto" on a CPU device: (running requests at least, steps per delta), the
-# last row that applies wins; every stream's deltas go on the same steps (EngineCore). A served message costs c ~ 0.1-0.15 ms of the step's own cores
-# (the replica's event loop, Serve's direct ingress, gRPC or HTTP framing, HAProxy, the
-# client's socket), and about as much again in the OpenMP barrier its preempted compute
-# thread holds up, so n streams at k steps per delta cost about 2 * n * c / (k * t_step(n))
+# last row that applies wins; every stream's deltas go on the same steps (EngineCore). A
+# served message costs c ~ 0.1-0.15 ms of the step's own cores (the replica's event loop,
+# Serve's direct ingress, gRPC or HTTP framing, HAProxy, the client's socket), and about as
+# much again in the OpenMP barrier its preempted compute thread holds up, so n streams at k steps per delta cost about 2 * n * c / (k * t_step(n))
 # of the step time (t_step ~ 18 ms at 16 streams, ~22 ms at 24, ~27-30 ms at 32). A client
 # at concurrency C keeps a little under C requests running (between one's end and the next
 # one's start), hence 24 for the 32-stream level. There a closed-loop gRPC client (320

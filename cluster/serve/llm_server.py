@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from raylm.cluster.engine_process import freeze_startup_objects
 from raylm.cluster.serve.errors import ServeError, error_from_exception
 from raylm.cluster.serve.metrics import ServerMetrics
 from raylm.cluster.serve.prefix_hash import PrefixIndex, index_capacity, request_prefix_digests
@@ -100,8 +101,6 @@ class LLMServer:
         self._num_routing_reports = 0
         # without a prefix cache there is nothing to route to: report no prefixes
         self._prefix_caching = bool(engine_args.get("enable_prefix_caching", True))
-        from raylm.cluster.engine_process import freeze_startup_objects
-
         freeze_startup_objects()
 
     # --- generation ---------------------------------------------------------------------------
