@@ -93,13 +93,14 @@ class SpeculativeConfig:
 # last row that applies wins; every stream's deltas go on the same steps (EngineCore). A
 # served message costs c ~ 0.1-0.15 ms of the step's own cores (the replica's event loop,
 # Serve's direct ingress, gRPC or HTTP framing, HAProxy, the client's socket), and about as
-# much again in the OpenMP barrier its preempted compute thread holds up, so n streams at k steps per delta cost about 2 * n * c / (k * t_step(n))
-# of the step time (t_step ~ 18 ms at 16 streams, ~22 ms at 24, ~27-30 ms at 32). A client
-# at concurrency C keeps a little under C requests running (between one's end and the next
-# one's start), hence 24 for the 32-stream level. There a closed-loop gRPC client (320
-# requests x 128 tokens, 4 runs each, alternated) got 0.86-0.94x (mean 0.89) the in-process
-# engine's tokens/s at k = 3 and 0.92-0.97x (mean 0.94) at k = 4; `raylm bench serve` at 32
-# streams, gRPC: k = 2 0.87-0.94x (5 runs), k = 4 0.91-0.99x (6 runs) (README, "Serving path").
+# much again in the OpenMP barrier its preempted compute thread holds up, so n streams at k
+# steps per delta cost about 2*n*c / (k*t_step(n)) of the step time (t_step ~ 18 ms at 16
+# streams, ~22 ms at 24, ~27-30 ms at 32). A client at concurrency C keeps a little under C
+# requests running (between one's end and the next one's start), hence 24 for the 32-stream
+# level. There a closed-loop gRPC client (320 requests x 128 tokens, 4 runs each, alternated)
+# got 0.86-0.94x (mean 0.89) the in-process engine's tokens/s at k = 3 and 0.92-0.97x (mean
+# 0.94) at k = 4; `raylm bench serve` at 32 streams, gRPC: k = 2 0.87-0.94x (5 runs), k = 4
+# 0.91-0.99x (6 runs) (README, "Serving path").
 AUTO_STREAM_INTERVALS = ((16, 2), (24, 4))
 
 
