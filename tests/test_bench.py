@@ -278,3 +278,24 @@ def test_cpu_meter_tells_a_busy_client_from_an_idle_one():
     assert busy.machine_busy_cores is not None and busy.machine_busy_cores >= 0.5
     assert busy.machine_busy_cores <= busy.num_cpus + 0.01
     assert set(busy.to_dict()) == {"process_cores", "machine_busy_cores", "num_cpus"}
+
+
+def test_pooled_ratio_interval_covers_the_ratio_and_narrows_with_steadier_rounds():
+    """The interval `raylm bench serve` prints next to a served/engine throughput ratio: it holds
+    the pooled ratio, is the same for the same rounds, shrinks when the rounds agree, and a
+    machine drift that slows both setups of a round alike does not widen it (rounds are
+    resampled whole)."""
+    rng = np.random.default_rng(0)
+    noisy = [(100 * f, 1.0, 100.0, 1.0) for f in rng.normal(0.97, 0.05, 12)]
+    steady = [(100 * f, 1.0, 100.0, 1.0) for f in rng.normal(0.97, 0.005, 12)]
+    pooled = sum(r[0] for r in noisy) / sum(r[2] for r in noisy)
+    lo, hi = report.pooled_ratio_interval(noisy)
+    assert lo < pooled < hi
+    assert report.pooled_ratio_interval(noisy) == (lo, hi)
+    slo, shi = report.pooled_ratio_interval(steady)
+    assert shi - slo < (hi - lo) / 4 and slo < 0.97 < shi
+    # each round's machine speed drifts by up to 2x, the same for both setups of the round
+    drifted = [(a * s, 1.0, b * s, 1.0) for (a, _, b, _), s in zip(steady, rng.uniform(0.5, 1.0, 12))]
+    dlo, dhi = report.pooled_ratio_interval(drifted)
+    assert dhi - dlo < (hi - lo) / 4
+    assert report.pooled_ratio_interval(noisy[:2]) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,29 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     ]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in text_rows]
     return "\n".join(lines)
+
+
+def pooled_ratio_interval(rounds: Sequence[tuple[float, float, float, float]],
+                          level: float = 0.95, resamples: int = 2000,
+                          seed: int = 0) -> tuple[float, float] | None:
+    """A bootstrap interval of a pooled rate ratio measured side by side in rounds.
+
+    Each round is (amount_a, seconds_a, amount_b, seconds_b) of two setups that took turns in
+    it; the figure is (sum amount_a / sum seconds_a) / (sum amount_b / sum seconds_b). Whole
+    rounds are resampled, so the pairing (a drift of the machine falls on both setups of a
+    round) is kept. None with fewer than 3 rounds (nothing to resample). Seeded: one set of
+    rounds always gives the same interval."""
+    if len(rounds) < 3:
+        return None
+
+    def ratio(picked: Sequence[tuple[float, float, float, float]]) -> float:
+        amount_a, seconds_a, amount_b, seconds_b = (sum(r[i] for r in picked) for i in range(4))
+        return (amount_a / seconds_a) / (amount_b / seconds_b)
+
+    rng = random.Random(seed)
+    ratios = sorted(ratio(rng.choices(rounds, k=len(rounds))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return ratios[int(tail * (resamples - 1))], ratios[int((1 - tail) * (resamples - 1))]
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:

@@ -24,7 +24,7 @@ from typing import Any
 from raylm.cluster.bench import serve_routers
 from raylm.cluster.bench.cpu_meter import CpuMeter
 from raylm.cluster.bench.serve_clients import CLIENTS, Sample
-from raylm.cluster.bench.report import format_table, png_path_for, write_json
+from raylm.cluster.bench.report import format_table, png_path_for, pooled_ratio_interval, write_json
 from raylm.cluster.config import parse_stream_interval
 
 _WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
@@ -254,11 +254,23 @@ def _vs_engine(result: dict[str, Any]) -> list[dict[str, Any]]:
         for i, (lv, base) in enumerate(zip(result["runs"][protocol], result["runs"]["engine"])):
             fraction, added = compare(lv, base)
             per_round = [compare(rd[protocol][i], rd["engine"][i]) for rd in result["rounds"]]
+            paired = [(_tokens(rd[protocol][i]), rd[protocol][i]["duration_s"],
+                       _tokens(rd["engine"][i]), rd["engine"][i]["duration_s"])
+                      for rd in result["rounds"]]
             rows.append({"protocol": protocol, "load": lv["load"],
                          "throughput_fraction": fraction, "ttft_p50_added_ms": added,
+                         "throughput_fraction_ci95": pooled_ratio_interval(paired),
                          "throughput_fraction_rounds": [f for f, _ in per_round],
                          "ttft_p50_added_ms_rounds": [a for _, a in per_round]})
     return rows
+
+
+def _tokens(level: dict[str, Any]) -> float:
+    return level["output_token_throughput"] * level["duration_s"]
+
+
+def _interval(bounds: tuple[float, float] | None) -> str:
+    return "-" if bounds is None else f"{bounds[0]:.3g}..{bounds[1]:.3g}"
 
 
 def _spread(values: list[float | None]) -> str:
@@ -288,14 +300,16 @@ def run(args: argparse.Namespace) -> int:
     if vs:
         result["vs_engine"] = vs
         print(format_table(
-            ["protocol", result["load"], "tok/s / engine's", "per round",
+            ["protocol", result["load"], "tok/s / engine's", "95% interval", "per round",
              "TTFT p50 added ms", "per round"],
             [[r["protocol"], r["load"], r["throughput_fraction"],
+              _interval(r["throughput_fraction_ci95"]),
               _spread(r["throughput_fraction_rounds"]), r["ttft_p50_added_ms"],
               _spread(r["ttft_p50_added_ms_rounds"])] for r in vs]))
         if result["num_rounds"] > 1:
             print(f"pooled over {result['num_rounds']} rounds (protocols take turns level by "
-                  "level); 'per round': the lowest..highest of the rounds' own figures")
+                  "level); '95% interval': of the pooled ratio, resampling whole rounds "
+                  "(from 3 rounds); 'per round': the lowest..highest of the rounds' own figures")
     out = write_json(args.out, result)
     png = _plot(png_path_for(out), result["load"], result["runs"])
     print(f"wrote {out} and {png}")
