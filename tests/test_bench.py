@@ -295,7 +295,8 @@ def test_pooled_ratio_interval_covers_the_ratio_and_narrows_with_steadier_rounds
     slo, shi = report.pooled_ratio_interval(steady)
     assert shi - slo < (hi - lo) / 4 and slo < 0.97 < shi
     # each round's machine speed drifts by up to 2x, the same for both setups of the round
-    drifted = [(a * s, 1.0, b * s, 1.0) for (a, _, b, _), s in zip(steady, rng.uniform(0.5, 1.0, 12))]
+    speeds = rng.uniform(0.5, 1.0, 12)
+    drifted = [(a * s, 1.0, b * s, 1.0) for (a, _, b, _), s in zip(steady, speeds)]
     dlo, dhi = report.pooled_ratio_interval(drifted)
     assert dhi - dlo < (hi - lo) / 4
     assert report.pooled_ratio_interval(noisy[:2]) is None

@@ -24,7 +24,8 @@ from typing import Any
 from raylm.cluster.bench import serve_routers
 from raylm.cluster.bench.cpu_meter import CpuMeter
 from raylm.cluster.bench.serve_clients import CLIENTS, Sample
-from raylm.cluster.bench.report import format_table, png_path_for, pooled_ratio_interval, write_json
+from raylm.cluster.bench.report import (format_table, png_path_for, pooled_ratio_interval,
+                                        write_json)
 from raylm.cluster.config import parse_stream_interval
 
 _WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
