@@ -300,3 +300,5 @@ def test_pooled_ratio_interval_covers_the_ratio_and_narrows_with_steadier_rounds
     dlo, dhi = report.pooled_ratio_interval(drifted)
     assert dhi - dlo < (hi - lo) / 4
     assert report.pooled_ratio_interval(noisy[:2]) is None
+    # a round whose baseline made no tokens (every request failed): no interval, no crash
+    assert report.pooled_ratio_interval(noisy[:5] + [(50.0, 1.0, 0.0, 1.0)]) is None

@@ -42,9 +42,10 @@ def pooled_ratio_interval(rounds: Sequence[tuple[float, float, float, float]],
     Each round is (amount_a, seconds_a, amount_b, seconds_b) of two setups that took turns in
     it; the figure is (sum amount_a / sum seconds_a) / (sum amount_b / sum seconds_b). Whole
     rounds are resampled, so the pairing (a drift of the machine falls on both setups of a
-    round) is kept. None with fewer than 3 rounds (nothing to resample). Seeded: one set of
-    rounds always gives the same interval."""
-    if len(rounds) < 3:
+    round) is kept. None with fewer than 3 rounds (nothing to resample) or where a round's
+    baseline did nothing (a resample could divide by zero). Seeded: one set of rounds always
+    gives the same interval."""
+    if len(rounds) < 3 or any(r[2] <= 0 or r[1] <= 0 or r[3] <= 0 for r in rounds):
         return None
 
     def ratio(picked: Sequence[tuple[float, float, float, float]]) -> float:
